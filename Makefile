@@ -1,0 +1,69 @@
+# regionclip — every target installs what it needs on a fresh machine.
+#   make test                 the test suite
+#   make demo                 the whole pipeline on the generated EmojiWorld
+#   make <stage> CONFIG=configs/x.yaml ARGS="a.b=1 c=2"
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+CONFIG ?= configs/demo.yaml
+ARGS ?=
+# The local torch builds; override for another platform, e.g. TORCH_SPEC="torch torchvision".
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+EMOJI_FONT ?=
+DEBIAN_EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
+STAMP := $(VENV)/.installed
+
+.PHONY: install font test lint demo demo-data data validate concepts bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+# Noto Color Emoji for EmojiWorld: EMOJI_FONT=path wins, then the Debian package (installed when root).
+font:
+	@if [ -n "$(EMOJI_FONT)" ]; then \
+	  test -f "$(EMOJI_FONT)" || { echo "EMOJI_FONT=$(EMOJI_FONT) does not exist" >&2; exit 1; }; \
+	elif [ ! -f $(DEBIAN_EMOJI_FONT) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-noto-color-emoji >/dev/null; \
+	  else \
+	    echo "EmojiWorld needs the Noto Color Emoji font: install the Debian package fonts-noto-color-emoji" >&2; \
+	    echo "(sudo apt-get install fonts-noto-color-emoji) or pass EMOJI_FONT=/path/to/NotoColorEmoji.ttf" >&2; \
+	    exit 1; \
+	  fi; \
+	fi
+
+export EMOJI_FONT
+
+test: install font
+	$(PY) -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+demo-data: install font
+	$(PY) -m data_prep.emojiworld --config $(CONFIG) $(ARGS)
+
+data: install
+	$(PY) -m pipelines.data --config $(CONFIG) $(ARGS)
+
+validate: install
+	$(PY) -m data_prep.validate $(SHARDS)
+
+concepts: install
+	$(PY) -m pipelines.concepts --config $(CONFIG) $(ARGS)
+
+demo: demo-data concepts
+
+bench: install font
+	$(PY) -m pipelines.bench --out runs/bench $(ARGS)
+
+clean:
+	rm -rf runs
