@@ -39,7 +39,7 @@ class ShardConfig:
     """Limits for every shard writer of the pipeline."""
 
     maxcount: int = 1000  # samples per shard
-    maxsize: int = 1_000_000_000  # bytes per shard (soft: a shard closes after crossing it)
+    maxsize: int = 1_000_000_000  # bytes per shard file (exceeded only by a single sample larger than this)
 
 
 @dataclass
@@ -56,6 +56,7 @@ class EmojiWorldConfig:
     image_size: int = 128
     min_objects: int = 1
     max_objects: int = 4
+    repeat_prob: float = 0.25  # an object repeats an earlier object's category (gives "two dogs")
     min_object_size: int = 20  # glyph side in pixels
     max_object_size: int = 64
     max_overlap: float = 0.5  # a new object may cover at most this fraction of an earlier one
@@ -98,6 +99,7 @@ class DataPrepConfig:
     source: str = "emojiworld"  # emojiworld | coco | generic
     out_dir: str = "${output_dir}/data"
     prefix: str = "train"
+    workers: int = 0  # image read/verify threads of the converters; 0 = one per CPU core
     coco: CocoSourceConfig = field(default_factory=CocoSourceConfig)
     generic: GenericSourceConfig = field(default_factory=GenericSourceConfig)
 
@@ -112,6 +114,18 @@ class DataConfig:
     image_root: str = "${emojiworld.out_dir}/images"
     categories_json: str = "${emojiworld.out_dir}/categories.json"
     num_workers: int = 0
+
+
+@dataclass
+class ClipModelConfig:
+    """An open_clip model: architecture + weights (teacher, student init, text encoder)."""
+
+    model: str = "RN50"  # open_clip architecture name
+    # open_clip pretrained tag ('openai'), a local .pt/.pth/.bin/.safetensors file (OpenAI TorchScript
+    # archives included), or a checkpoint folder written by this project; empty = random init
+    pretrained: str = ""
+    model_config: str = ""  # JSON file registering a custom architecture under the name `model`
+    precision: str = "fp32"
 
 
 @dataclass
@@ -134,6 +148,54 @@ class ConceptsConfig:
 
 
 @dataclass
+class RPNConfig:
+    """`make rpn`: class-agnostic proposals from a torchvision ResNet-FPN RPN (DESIGN §4)."""
+
+    out_dir: str = "${output_dir}/rpn"
+    train_json: str = "${data.det_train_json}"  # COCO json of base-class boxes; all categories → "object"
+    val_json: str = "${data.val_json}"  # recall@k of base and novel boxes after training; empty = skip
+    image_root: str = "${data.image_root}"  # image file_name values are relative to it
+    precomputed: str = ""  # JSON/JSONL proposals keyed by sample key; replaces the RPN downstream
+    backbone: str = "resnet50"  # torchvision ResNet name (resnet18, resnet50, ...)
+    backbone_weights: str = ""  # local torchvision ResNet state dict (.pth/.safetensors); empty = random
+    norm: str = "frozen_bn"  # frozen_bn (with backbone_weights) | bn (training from scratch)
+    trainable_layers: int = 3  # ResNet stages trained, counted from the top (0-5)
+    fpn_levels: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # ResNet stages feeding the FPN
+    fpn_channels: int = 256
+    min_size: int = 800
+    max_size: int = 1333
+    # one anchor size per FPN level: the fpn_levels, then the max-pooled level
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    pre_nms_top_n_train: int = 2000  # per FPN level
+    post_nms_top_n_train: int = 1000
+    pre_nms_top_n_test: int = 1000  # per FPN level
+    post_nms_top_n_test: int = 300
+    nms_thresh: float = 0.5  # RegionCLIP's proposal NMS (Detectron2 trains with 0.7; unused by RPN losses)
+    fg_iou_thresh: float = 0.7
+    bg_iou_thresh: float = 0.3
+    batch_size_per_image: int = 256  # anchors sampled per image for the losses
+    positive_fraction: float = 0.5
+    keep_empty: bool = False  # train on box-less images as negatives (off: they may show novel objects)
+    batch_size: int = 16
+    steps: int = 90000
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 1000
+    lr_decay_at: list[float] = field(default_factory=lambda: [0.667, 0.889])  # fractions of `steps`
+    lr_decay_factor: float = 0.1
+    hflip_prob: float = 0.5
+    precision: str = "fp32"  # fp32 | bf16 (training under autocast; proposals always in fp32)
+    checkpoint_every: int = 1000
+    num_workers: int = 4
+    seed: int = "${seed}"  # type: ignore[assignment]
+    eval_batch_size: int = 8
+    recall_at: list[int] = field(default_factory=lambda: [100, 300])
+    recall_iou: float = 0.5
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     output_dir: str = "runs/${name}"
@@ -143,7 +205,9 @@ class ExperimentConfig:
     emojiworld: EmojiWorldConfig = field(default_factory=EmojiWorldConfig)
     data_prep: DataPrepConfig = field(default_factory=DataPrepConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    teacher: ClipModelConfig = field(default_factory=ClipModelConfig)
     concepts: ConceptsConfig = field(default_factory=ConceptsConfig)
+    rpn: RPNConfig = field(default_factory=RPNConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,7 +276,9 @@ def load_config(
     try:
         return OmegaConf.to_object(conf)  # resolves ${...} interpolations
     except OmegaConfBaseException as e:
-        raise ConfigError(f"config {path}: key '{getattr(e, 'full_key', '?')}': {str(e).splitlines()[0]}") from None
+        source = path or "(defaults + overrides)"
+        key = getattr(e, "full_key", "?")
+        raise ConfigError(f"config {source}: key '{key}': {str(e).splitlines()[0]}") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -4,10 +4,13 @@ Sample schema (DESIGN §3): ``__key__`` (unique, no dots), one image (``jpg``/``
 the caption as ``txt`` (UTF-8) or as ``captions: [...]`` inside ``json``, and ``json`` metadata
 (``width``, ``height``, ``source_id``).
 
-The reader never unpickles: it only decodes images with Pillow, text as UTF-8 and JSON. A bad
-sample does not stop a run: it travels down the pipeline as an *error record* (a dict with
-``__error__``) so that it can be counted in the main process even when decoding happens in
-DataLoader workers; :func:`drop_errors` turns the records into counts by reason.
+The reader never unpickles: it reads tar members itself and decodes images with Pillow, text as
+UTF-8 and JSON, nothing else. A bad sample does not stop a run: it travels down the pipeline as
+an *error record* (a dict with ``__error__``) so that it can be counted in the main process even
+when decoding happens in DataLoader workers; :func:`drop_errors` turns the records into counts.
+Reasons: ``unreadable_shard`` (missing, truncated or corrupt tar; one record per shard),
+``key_with_dot``, ``duplicate_field``, ``missing_image``, ``bad_json``, ``missing_caption``,
+``bad_caption_encoding``, ``empty_caption``, ``bad_image``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -24,7 +28,9 @@ from typing import Any
 
 import webdataset as wds
 from PIL import Image
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.shardlists import expand_urls as _wds_expand_urls
+from webdataset.tariterators import base_plus_ext
+from webdataset.utils import make_seed, pytorch_worker_info
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 ERROR_FIELD = "__error__"
@@ -33,7 +39,9 @@ ERROR_FIELD = "__error__"
 def check_key(key: str) -> str:
     """Return ``key`` if it is a valid sample key (webdataset splits file names at the first dot)."""
     if not key or "." in key or "/" in key or key.startswith("__"):
-        raise ValueError(f"invalid sample key {key!r}: keys must be non-empty, without '.', '/' or a leading '__'")
+        raise ValueError(
+            f"invalid sample key {key!r}: keys must be non-empty, without '.', '/' or a leading '__'"
+        )
     return key
 
 
@@ -50,7 +58,9 @@ def encode_value(ext: str, value: Any) -> bytes:
         return json.dumps(value, ensure_ascii=False, sort_keys=True).encode("utf-8")
     if isinstance(value, str):
         return value.encode("utf-8")
-    raise TypeError(f"field '{ext}': cannot encode {type(value).__name__}; pass bytes, str or (for json) a dict")
+    raise TypeError(
+        f"field '{ext}': cannot encode {type(value).__name__}; pass bytes, str or (for json) a dict"
+    )
 
 
 def encode_image(image: Image.Image, fmt: str = "jpg", quality: int = 90) -> bytes:
@@ -95,12 +105,20 @@ class ShardInfo:
     keys_last: str
 
 
+def _tar_file_size(member_bytes: int) -> int:
+    """Size on disk of a tar whose members take ``member_bytes``: + 2 end blocks, padded to records."""
+    used = member_bytes + 2 * tarfile.BLOCKSIZE
+    return -(-used // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
 class ShardWriter:
     """Write samples to ``<out_dir>/<prefix>-%06d.tar`` with a max sample count and byte size.
 
-    Each shard is written to a temporary file and renamed into place when it is complete, so a
-    crash never leaves a truncated shard under a final name. Tar headers carry fixed metadata
-    (mtime 0, uid 0), so the same samples give byte-identical shards.
+    A shard holds at most ``maxcount`` samples and its file never exceeds ``maxsize`` bytes unless
+    a single sample alone is larger (it then gets a shard of its own). Each shard is written to a
+    temporary file and renamed into place when complete, so a crash never leaves a truncated shard
+    under a final name. Tar headers carry fixed metadata (mtime 0, uid 0), so the same samples give
+    byte-identical shards.
     """
 
     def __init__(
@@ -129,19 +147,34 @@ class ShardWriter:
         return self.out_dir / f"{self.prefix}-{index:06d}.tar"
 
     def write(self, sample: dict[str, Any]) -> None:
+        """Append one sample; every field is encoded and checked before anything is written."""
         key = check_key(sample["__key__"])
-        if self._tar is not None and (self._count >= self.maxcount or self._size >= self.maxsize):
-            self._close_shard()
-        if self._tar is None:
-            self._open_shard()
-        assert self._tar is not None
+        members = []
         for ext in sorted(k for k in sample if not k.startswith("__")):
             data = encode_value(ext, sample[ext])
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(data), 0, 0o444
             info.uname = info.gname = ""
+            try:
+                info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+            except ValueError as e:
+                raise ValueError(f"sample {key!r}: field {ext!r} cannot be stored in a tar: {e}") from None
+            members.append((info, data))
+        if not members:
+            raise ValueError(f"sample {key!r} has no fields")
+        nbytes = sum(
+            tarfile.BLOCKSIZE + -(-len(d) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE for _, d in members
+        )
+        if self._tar is not None and (
+            self._count >= self.maxcount or _tar_file_size(self._size + nbytes) > self.maxsize
+        ):
+            self._close_shard()
+        if self._tar is None:
+            self._open_shard()
+        assert self._tar is not None
+        for info, data in members:
             self._tar.addfile(info, io.BytesIO(data))
-            self._size += 512 + (len(data) + 511) // 512 * 512
+        self._size += nbytes
         self._first = self._first or key
         self._last = key
         self._count += 1
@@ -160,10 +193,10 @@ class ShardWriter:
         os.replace(self._tmp, final)
         info = ShardInfo(str(final), self._count, final.stat().st_size, self._first, self._last)
         self.shards.append(info)
-        if self.on_close is not None:
-            self.on_close(info)
         self._tar = self._tmp = None
         self.shard_index += 1
+        if self.on_close is not None:
+            self.on_close(info)
 
     def close(self) -> None:
         if self._tar is not None:
@@ -196,6 +229,38 @@ def error_record(reason: str, key: str = "", url: str = "", detail: str = "") ->
     return {ERROR_FIELD: reason, "__key__": key, "__url__": url, "detail": detail}
 
 
+def expand_urls(urls: str | Iterable[str]) -> list[str]:
+    """Shard URLs of a string or list of strings: brace patterns expanded, ``::`` separates lists."""
+    items = [urls] if isinstance(urls, str) else list(urls)
+    return [url for item in items for url in _wds_expand_urls(item)]
+
+
+def _tar_samples(stream: Any, url: str) -> Iterator[dict[str, Any]]:
+    """Group the members of a tar stream into raw samples (webdataset's naming: key = name up to
+    the first dot of the basename). Raises on a truncated or corrupt tar; a sample is yielded only
+    once the next one has started (or the tar has ended), so it is known to be complete."""
+    current: dict[str, Any] | None = None
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            tar.members = []  # stream mode keeps every header otherwise
+            if not member.isreg() or member.name.split("/")[-1].startswith("__"):
+                continue
+            key, ext = base_plus_ext(member.name)
+            if key is None:
+                continue
+            if current is None or key != current["__key__"]:
+                if current is not None:
+                    yield current
+                current = {"__key__": key, "__url__": url}
+            data = tar.extractfile(member).read()
+            ext = ext.lower()
+            if ext in current:
+                current["__duplicate__"] = ext
+            current[ext] = data
+    if current is not None:
+        yield current
+
+
 def expand_shards(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """Pipeline stage: ``{"url": …}`` items → raw samples (``{"__key__", "__url__", ext: bytes}``).
 
@@ -209,22 +274,29 @@ def expand_shards(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         except Exception as e:  # noqa: BLE001 - any opener failure is reported per shard
             yield error_record("unreadable_shard", url=url, detail=f"{type(e).__name__}: {e}")
             continue
+        n = 0
         try:
-            files = (dict(f, __url__=url) for f in tar_file_iterator(stream))
-            yield from group_by_keys(files)
-        except Exception as e:  # noqa: BLE001 - truncated/corrupt tar, duplicate names, ...
-            yield error_record("unreadable_shard", url=url, detail=f"{type(e).__name__}: {e}")
+            for sample in _tar_samples(stream, url):
+                yield sample
+                n += 1
+        except Exception as e:  # noqa: BLE001 - truncated/corrupt tar, failing pipe: command, ...
+            yield error_record(
+                "unreadable_shard", url=url, detail=f"{type(e).__name__}: {e} (after {n} complete samples)"
+            )
         finally:
-            stream.close()
+            try:
+                stream.close()
+            except Exception:  # noqa: BLE001, S110 - a pipe: command's exit status after an early stop
+                pass
 
 
 def _decode_caption(raw: dict[str, Any], meta: dict[str, Any]) -> list[str]:
-    """Captions of a sample; raises ValueError(reason) when missing/undecodable/empty."""
+    """Captions of a sample; raises ValueError(reason, detail) when missing/undecodable/empty."""
     if "txt" in raw:
         try:
             captions = [raw["txt"].decode("utf-8")]
         except UnicodeDecodeError as e:
-            raise ValueError("bad_caption_encoding", str(e)) from None
+            raise ValueError("bad_caption_encoding", f"txt is not UTF-8: {e}") from None
     elif "captions" in meta:
         captions = meta["captions"]
         if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
@@ -241,6 +313,15 @@ def _fields(raw: dict[str, Any]) -> list[str]:
     return sorted(k for k in raw if not k.startswith("__"))
 
 
+def _dotted_keys(raw: dict[str, Any]) -> list[str]:
+    """Original keys of samples whose key had a dot (``a.b.jpg`` was grouped as key ``a``, field
+    ``b.jpg``). A sample with a top-level image is taken as a normal one with multi-part fields."""
+    if any(e in raw for e in IMAGE_EXTS):
+        return []
+    subkeys = sorted({f.rsplit(".", 1)[0] for f in _fields(raw) if "." in f})
+    return [f"{raw['__key__']}.{s}" for s in subkeys]
+
+
 def decode_image_text(raw: dict[str, Any], decode_image: bool = True) -> dict[str, Any]:
     """Raw tar sample → decoded sample, or an error record naming the reason.
 
@@ -248,9 +329,11 @@ def decode_image_text(raw: dict[str, Any], decode_image: bool = True) -> dict[st
     ``decode_image`` is False), ``image_ext``, ``caption`` (first caption), ``captions``, ``meta``.
     """
     key, url = raw.get("__key__", ""), raw.get("__url__", "")
-    if any("." in ext for ext in _fields(raw)):
-        # webdataset cut the file name at the key's dot: "a.b.jpg" became key "a", field "b.jpg"
-        return error_record("key_with_dot", key, url, f"fields {_fields(raw)}: sample keys must not contain '.'")
+    dotted = _dotted_keys(raw)
+    if dotted:
+        return error_record("key_with_dot", ", ".join(dotted), url, "sample keys must not contain '.'")
+    if "__duplicate__" in raw:
+        return error_record("duplicate_field", key, url, f"field '{raw['__duplicate__']}' appears twice")
     image_ext = next((e for e in IMAGE_EXTS if e in raw), None)
     if image_ext is None:
         return error_record("missing_image", key, url, f"no image field among {_fields(raw)}")
@@ -269,8 +352,9 @@ def decode_image_text(raw: dict[str, Any], decode_image: bool = True) -> dict[st
     image: Any = raw[image_ext]
     if decode_image:
         try:
-            with Image.open(io.BytesIO(image)) as im:
-                image = im.convert("RGB")
+            im = Image.open(io.BytesIO(image))
+            im.load()
+            image = im if im.mode == "RGB" else im.convert("RGB")
         except Exception as e:  # noqa: BLE001 - Pillow raises many types for corrupt data
             return error_record("bad_image", key, url, f"{type(e).__name__}: {e}")
     return {
@@ -282,6 +366,32 @@ def decode_image_text(raw: dict[str, Any], decode_image: bool = True) -> dict[st
         "captions": captions,
         "meta": meta,
     }
+
+
+def _decode_stage(src: Iterable[dict[str, Any]], decode_image: bool) -> Iterator[dict[str, Any]]:
+    for raw in src:
+        if ERROR_FIELD in raw:
+            yield raw
+        elif dotted := _dotted_keys(raw):
+            # several dotted keys can collapse into one group: count each original sample
+            for key in dotted:
+                yield error_record("key_with_dot", key, raw["__url__"], "sample keys must not contain '.'")
+        else:
+            yield decode_image_text(raw, decode_image)
+
+
+class _EpochShuffle(wds.PipelineStage):
+    """Sample shuffle buffer seeded by (seed, epoch, rank, worker): reproducible across runs,
+    different in every epoch (with persistent DataLoader workers) and in every worker."""
+
+    def __init__(self, bufsize: int, seed: int):
+        self.bufsize, self.seed, self.epoch = bufsize, seed, -1
+
+    def run(self, src: Iterable[Any]) -> Iterator[Any]:
+        self.epoch += 1
+        rank, _, worker, _ = pytorch_worker_info()
+        rng = random.Random(make_seed(self.seed, self.epoch, rank, worker))
+        return wds.shuffle(self.bufsize, min(self.bufsize, 100), rng=rng)(iter(src))
 
 
 def image_text_pipeline(
@@ -299,63 +409,106 @@ def image_text_pipeline(
     Args:
         urls: anything webdataset accepts: paths, brace patterns, ``pipe:`` commands, fsspec URLs,
             or a list of them.
-        resampled: draw shards with replacement forever (bound it with ``.with_epoch(n)``); every
-            rank/worker draws independently, so no splitting is applied.
-        split_by_node / split_by_worker: give each rank / DataLoader worker its own slice of the
-            shard list (ignored when ``resampled``).
+        shuffle_buffer: shuffle samples through a buffer of this size (0 = file order).
+        resampled: draw shards with replacement forever, reproducibly from ``seed`` (each rank and
+            worker draws its own sequence, so no splitting is applied). Bound it with
+            ``.with_epoch(n)``: n items per iteration *per DataLoader worker*, error records included.
+        split_by_node / split_by_worker: give each rank (env ``RANK``/``WORLD_SIZE``, else
+            torch.distributed) / DataLoader worker its own slice of the shard list (ignored when
+            ``resampled``). A worker or rank left without shards simply yields nothing.
     """
+    url_list = expand_urls(urls)
+    if not url_list:
+        raise ValueError(f"no shards in {urls!r}")
     if resampled:
-        stages: list[Any] = [wds.ResampledShards(urls, seed=seed)]
+        stages: list[Any] = [wds.ResampledShards(url_list, seed=seed, deterministic=True)]
     else:
-        stages = [wds.SimpleShardList(urls)]
+        stages = [wds.SimpleShardList(url_list)]
         if split_by_node:
             stages.append(wds.split_by_node)
         if split_by_worker:
             stages.append(wds.split_by_worker)
     stages.append(expand_shards)
     if shuffle_buffer > 0:
-        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed))
+        stages.append(_EpochShuffle(shuffle_buffer, seed))
     stages.append(wds.filters.pipelinefilter(_decode_stage)(decode_image))
     return wds.DataPipeline(*stages)
 
 
-def _decode_stage(src: Iterable[dict[str, Any]], decode_image: bool) -> Iterator[dict[str, Any]]:
-    for raw in src:
-        yield raw if ERROR_FIELD in raw else decode_image_text(raw, decode_image)
+def make_loader(
+    pipeline: wds.DataPipeline, num_workers: int = 0, transform: Callable[[dict], dict] | None = None
+) -> wds.WebLoader:
+    """A DataLoader over ``pipeline`` that passes samples one by one (``batch_size=None``).
+
+    Error records travel through the workers unchanged, so ``drop_errors(loader, errors)`` in the
+    main process still counts every bad sample. ``transform`` runs in the workers on good samples
+    only. Workers are persistent so that shuffle/resampling seeds advance with each epoch.
+    """
+    if transform is not None:
+        pipeline = pipeline.compose(wds.filters.pipelinefilter(_map_good)(transform))
+    return wds.WebLoader(
+        pipeline,
+        batch_size=None,
+        collate_fn=_as_is,  # the default would turn tuples into lists and arrays into tensors
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def _as_is(sample: Any) -> Any:
+    return sample
+
+
+def _map_good(src: Iterable[dict[str, Any]], fn: Callable[[dict], dict]) -> Iterator[dict[str, Any]]:
+    for sample in src:
+        yield sample if ERROR_FIELD in sample else fn(sample)
 
 
 @dataclass
 class SampleErrors:
-    """Counts of skipped samples by reason, with the first few offending keys for the report."""
+    """Counts of skipped samples by reason, with the first few offending keys per reason."""
 
     counts: Counter = field(default_factory=Counter)
-    examples: list[dict[str, str]] = field(default_factory=list)
+    examples: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     unreadable_shards: list[str] = field(default_factory=list)
-    max_examples: int = 20
+    max_examples: int = 5
 
     def add(self, record: dict[str, str]) -> None:
         reason = record[ERROR_FIELD]
         self.counts[reason] += 1
         if reason == "unreadable_shard":
             self.unreadable_shards.append(record["__url__"])
-        if len(self.examples) < self.max_examples:
-            self.examples.append({k.strip("_"): v for k, v in record.items()})
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < self.max_examples:
+            examples.append({k.strip("_"): v for k, v in record.items() if k != ERROR_FIELD})
+
+    def update(self, other: SampleErrors) -> None:
+        """Add the counts and examples of ``other`` (e.g. per-shard errors into a total)."""
+        self.counts.update(other.counts)
+        self.unreadable_shards.extend(other.unreadable_shards)
+        for reason, examples in other.examples.items():
+            mine = self.examples.setdefault(reason, [])
+            mine.extend(examples[: self.max_examples - len(mine)])
 
     @property
     def total(self) -> int:
+        """Bad samples (unreadable shards are counted apart: their sample count is unknown)."""
         return sum(v for k, v in self.counts.items() if k != "unreadable_shard")
 
     def summary(self) -> str:
         if not self.counts:
             return "no bad samples"
         parts = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.counts.items()))
-        return f"skipped {self.total} bad samples ({parts})"
+        shards = f", {len(self.unreadable_shards)} unreadable shards" if self.unreadable_shards else ""
+        return f"skipped {self.total} bad samples{shards} ({parts})"
 
     def report_lines(self) -> list[str]:
         lines = [self.summary()]
-        for ex in self.examples:
-            where = f"sample '{ex['key']}' in {ex['url']}" if ex["key"] else ex["url"]
-            lines.append(f"  {ex['error']}: {where}: {ex['detail']}")
+        for reason in sorted(self.examples):
+            lines.append(f"  {reason}: {self.counts[reason]}")
+            for ex in self.examples[reason]:
+                where = f"sample '{ex['key']}' in {ex['url']}" if ex["key"] else ex["url"]
+                lines.append(f"    {where}: {ex['detail']}")
         return lines
 
 
@@ -368,7 +521,9 @@ def drop_errors(samples: Iterable[dict[str, Any]], errors: SampleErrors) -> Iter
             yield sample
 
 
-def iter_image_text(urls: str | list[str], errors: SampleErrors, **pipeline_kwargs: Any) -> Iterator[dict[str, Any]]:
+def iter_image_text(
+    urls: str | list[str], errors: SampleErrors, **pipeline_kwargs: Any
+) -> Iterator[dict[str, Any]]:
     """Convenience: decoded good samples of ``urls`` in one process, bad ones counted in ``errors``."""
     kwargs = {"split_by_node": False, "split_by_worker": False, **pipeline_kwargs}
     return drop_errors(image_text_pipeline(urls, **kwargs), errors)

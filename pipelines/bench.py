@@ -1,0 +1,144 @@
+"""`make bench`: run the registered benchmarks, merge results, rewrite BENCHMARKS.md.
+
+    python -m pipelines.bench --out runs/bench [--only reader,concepts] [reader.n_samples=500 ...]
+
+Results go to ``<out>/bench.json``; benchmarks that are not re-run keep their earlier results.
+``NAME.PARAM=VALUE`` arguments override a benchmark's parameters (the values are YAML scalars) and
+become part of the command recorded next to its figures. Exit status: 0 done, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from regionclip.benchmarks import Benchmark, machine_info, render_markdown
+from regionclip.utils import atomic_write_json, atomic_write_text
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "reader": Benchmark(
+        "regionclip.benchmarks.reader:bench_reader",
+        {
+            "reader_images_per_s": (
+                "images/s",
+                "decoded 128x128 JPEG samples, `iter_image_text`, one process",
+            ),
+            "reader_images_per_s_workers2": (
+                "images/s",
+                "the same through `make_loader`, 2 DataLoader workers",
+            ),
+        },
+        "Shard reading of EmojiWorld-sized samples (smooth random 128 px JPEG q90 + caption + json), "
+        "decoded to RGB PIL images with the bad-sample checks on; DataLoader worker start-up included.",
+    ),
+    "concepts": Benchmark(
+        "regionclip.benchmarks.concepts:bench_concepts",
+        {
+            "concepts_parse_speedup": (
+                "x",
+                "concept parsing speed-up of `CaptionParser` over a naive spaCy loop",
+            ),
+            "concepts_naive_captions_per_s": ("captions/s", "naive loop: `nlp(caption)` per caption"),
+            "concepts_fast_captions_per_s": ("captions/s", "`CaptionParser` (batched, cached)"),
+        },
+        "Concept parsing on synthetic EmojiWorld-like captions; both paths must give identical counts.",
+    ),
+}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="runs/bench", help="folder for bench.json and scratch data")
+    parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
+    parser.add_argument("--markdown", default="BENCHMARKS.md", help="the Markdown file to rewrite")
+    parser.add_argument("overrides", nargs="*", metavar="NAME.PARAM=VALUE", help="benchmark parameters")
+    args = parser.parse_intermixed_args(argv)
+    args.names = [n.strip() for n in args.only.split(",") if n.strip()] or list(BENCHMARKS)
+    unknown = [n for n in args.names if n not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+    args.params = {name: {} for name in BENCHMARKS}
+    for item in args.overrides:
+        key, eq, value = item.partition("=")
+        name, dot, param = key.partition(".")
+        if not eq or not dot or name not in BENCHMARKS:
+            parser.error(
+                f"override {item!r}: expected NAME.PARAM=VALUE with NAME one of {', '.join(BENCHMARKS)}"
+            )
+        args.params[name][param] = yaml.safe_load(value)
+    return args
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {"benchmarks": {}}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"cannot read earlier results {path}: {e}; move it away to start afresh") from None
+    data.setdefault("benchmarks", {})
+    return data
+
+
+def run_one(name: str, bench: Benchmark, out: Path, params: dict[str, Any], machine: dict) -> dict[str, Any]:
+    workdir = out / name
+    workdir.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()[0]  # other work on the machine makes figures noisy: record it
+    result = bench.load()(workdir, **{**bench.params, **params})
+    missing = [k for k in bench.figures if k not in result]
+    if missing:
+        raise RuntimeError(f"benchmark {name} returned no {missing}; it returned {sorted(result)}")
+    command = " ".join(
+        [
+            "python -m pipelines.bench",
+            f"--out {out}",
+            f"--only {name}",
+            *(f"{name}.{k}={v}" for k, v in params.items()),
+        ]
+    )
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command,
+        "description": bench.description,
+        "machine": machine,
+        "load_before": round(load_before, 2),
+        "figures": {
+            k: {"value": result[k], "unit": u, "description": d} for k, (u, d) in bench.figures.items()
+        },
+        "details": {k: v for k, v in result.items() if k not in bench.figures},
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    results_path = out / "bench.json"
+    data = load_results(results_path)
+    machine = machine_info()
+    start = time.perf_counter()
+    for name in args.names:
+        t0 = time.perf_counter()
+        entry = run_one(name, BENCHMARKS[name], out, args.params[name], machine)
+        data["benchmarks"][name] = entry
+        atomic_write_json(results_path, data)  # a later failing benchmark loses nothing
+        figures = ", ".join(f"{k}={v['value']:.4g} {v['unit']}" for k, v in entry["figures"].items())
+        print(f"{name}: {figures} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    atomic_write_text(args.markdown, render_markdown(data, str(results_path)))
+    print(
+        f"ran {len(args.names)} benchmark(s) in {time.perf_counter() - start:.0f} s; "
+        f"results in {results_path}, table in {args.markdown}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""The one argument convention of every entry point: ``--config FILE`` plus ``key=value`` overrides.
+
+Usage in an entry point (``python -m pipelines.x --config configs/demo.yaml a.b=1 c=2``)::
+
+    def main(argv=None):
+        cfg, args = config_from_argv(argv, "What this stage does.", extra_flags=add_flags)
+
+where ``add_flags(parser)`` may add stage-specific flags to the argparse parser. Overrides and flags
+may come in any order. An invalid config (unknown key, wrong type, unreadable file) prints one
+``error:`` line to stderr and exits with status 2, like any other usage error, instead of a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from regionclip.config import ConfigError, ExperimentConfig, load_config
+
+
+def config_from_argv(
+    argv: Sequence[str] | None,
+    description: str,
+    extra_flags: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> tuple[ExperimentConfig, argparse.Namespace]:
+    """Parse ``argv`` (None = ``sys.argv[1:]``) and load the config; returns ``(cfg, args)``.
+
+    ``args.config`` is the file (None = schema defaults only) and ``args.overrides`` the
+    ``key=value`` strings, already applied to ``cfg``.
+    """
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)  # set when run as `python -m x`
+    prog = f"python -m {main_spec.name}" if main_spec is not None else None
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. shards.maxcount=500"
+    )
+    if extra_flags is not None:
+        extra_flags(parser)
+    args = parser.parse_intermixed_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    return cfg, args

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random open_clip architectures (no downloads, milliseconds per call)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import open_clip
+import pytest
+
+TINY_TEXT_CFG = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+# ModifiedResNet (CLIP RN50 layout) at toy size: 64 px input, attnpool grid 2x2.
+TINY_RN_CFG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 16},
+    "text_cfg": TINY_TEXT_CFG,
+}
+TINY_VIT_CFG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": TINY_TEXT_CFG,
+}
+
+
+def _register(directory: Path, name: str, arch: dict) -> tuple[str, str]:
+    path = directory / f"{name}.json"
+    path.write_text(json.dumps(arch), encoding="utf-8")
+    open_clip.add_model_config(path)
+    return name, str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """``(model_name, config_path)`` of a tiny ResNet CLIP registered with open_clip.
+
+    Use as ``ClipModelConfig(model=name, model_config=path)`` or
+    ``open_clip.create_model(name)``; embed_dim 64, image 64 px, text context 16.
+    """
+    return _register(tmp_path_factory.mktemp("tiny_clip"), "RN-tiny-test", TINY_RN_CFG)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """``(model_name, config_path)`` of a tiny ViT CLIP (patch 16 → 4x4 tokens at 64 px)."""
+    return _register(tmp_path_factory.mktemp("tiny_vit_clip"), "ViT-tiny-test", TINY_VIT_CFG)
