@@ -52,6 +52,21 @@ BENCHMARKS: dict[str, Benchmark] = {
         },
         "Concept parsing on synthetic EmojiWorld-like captions; both paths must give identical counts.",
     ),
+    "pseudolabel": Benchmark(
+        "regionclip.benchmarks.pseudolabel:bench_pseudolabel",
+        {
+            "pseudolabel_floor_ratio": (
+                "x",
+                "RN50 size: stage images/s / forward-only floor (RN50 teacher + R50-FPN RPN, 800 px)",
+            ),
+            "rn50_stage_images_per_s": ("images/s", "RN50 size: `label_shard` end to end"),
+            "pseudolabel_demo_floor_ratio": ("x", "demo size: stage / floor (RN-emoji + R18-FPN, 128 px)"),
+            "demo_stage_images_per_s": ("images/s", "demo size: `label_shard` end to end"),
+        },
+        "Pseudo-label stage (read, decode, RPN, 100 sampled regions, teacher, assignment, shard "
+        "writing) against the RPN + teacher forwards alone on pre-decoded in-memory images, same "
+        "batches and boxes; random weights, medians of alternating repeats.",
+    ),
 }
 
 

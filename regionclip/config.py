@@ -303,7 +303,12 @@ def load_config(
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected key=value")
         key, _, value = item.partition("=")
-        conf = _merge(conf, OmegaConf.from_dotlist([f"{key.strip()}={value}"]), f"override '{item}'")
+        if value.strip():
+            override = OmegaConf.from_dotlist([f"{key.strip()}={value}"])
+        else:  # `key=` means the empty string (OmegaConf would read it as null)
+            override = OmegaConf.create()
+            OmegaConf.update(override, key.strip(), "", force_add=True)
+        conf = _merge(conf, override, f"override '{item}'")
     try:
         return OmegaConf.to_object(conf)  # resolves ${...} interpolations
     except OmegaConfBaseException as e:

@@ -31,6 +31,14 @@ def test_override_value_may_contain_equals_and_lists(tmp_path):
     assert cfg.emojiworld.novel == ["cat", "dog face"]
 
 
+def test_empty_override_is_the_empty_string():
+    cfg = load_config(None, ["rpn.val_json=", "emojiworld.font= "])
+    assert cfg.rpn.val_json == ""
+    assert cfg.emojiworld.font == ""
+    with pytest.raises(ConfigError, match="emojiworld.seed"):
+        load_config(None, ["emojiworld.seed="])
+
+
 def test_inherit_chain_relative_to_each_file(tmp_path):
     write(tmp_path / "grand.yaml", "name: g\nseed: 1\nshards:\n  maxcount: 7\n")
     write(tmp_path / "parent.yaml", "inherit: grand.yaml\nseed: 2\nshards:\n  maxsize: 99\n")
