@@ -66,7 +66,9 @@ rpn: install
 pseudolabel: install
 	$(PY) -m pipelines.pseudolabel --config $(CONFIG) $(ARGS)
 
-demo: demo-data concepts
+# The pipeline as far as it is built: data -> RPN -> concepts. Pseudo-labelling joins once the
+# demo trains its image-level teacher (pretrain.py); until then the teacher is random.
+demo: demo-data rpn concepts
 
 bench: install font
 	$(PY) -m pipelines.bench --out runs/bench $(ARGS)
