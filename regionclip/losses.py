@@ -153,7 +153,9 @@ def teacher_log_probs_from_topk(topk_ids: Tensor, topk_logits: Tensor, num_conce
 
     topk_ids [N, k] (distinct ids in [0, K) per row), topk_logits [N, k] (the teacher's logits as
     stored, i.e. already divided by its temperature) → [N, K] fp32 log-probabilities:
-    ``log_softmax`` over the k stored logits at their ids, ``-inf`` everywhere else.
+    ``log_softmax`` over the k stored logits at their ids, ``-inf`` everywhere else. Id -1 with
+    logit -inf is padding (caption-mode rows with fewer than k candidates) and is ignored; every
+    row needs at least one real id.
     """
     _check_2d(topk_ids, "topk_ids")
     if topk_logits.shape != topk_ids.shape:
@@ -165,16 +167,23 @@ def teacher_log_probs_from_topk(topk_ids: Tensor, topk_logits: Tensor, num_conce
     n, k = topk_ids.shape
     if k == 0 or k > num_concepts:
         raise ValueError(f"top-k width must be in [1, K={num_concepts}], got {k}")
-    if n and (topk_ids.min() < 0 or topk_ids.max() >= num_concepts):
+    pad = topk_ids == -1
+    if n and (topk_ids.min() < -1 or topk_ids.max() >= num_concepts):
         lo, hi = int(topk_ids.min()), int(topk_ids.max())
-        raise ValueError(f"topk_ids must lie in [0, {num_concepts}), got values in [{lo}, {hi}]")
+        raise ValueError(
+            f"topk_ids must lie in [0, {num_concepts}) (-1 = padding), got values in [{lo}, {hi}]"
+        )
+    if (pad & (topk_logits != float("-inf"))).any() or pad.all(dim=1).any():
+        raise ValueError("topk_ids padding (-1) must carry logit -inf and leave at least one real id per row")
     ids_sorted = topk_ids.sort(dim=1).values
-    if (ids_sorted[:, 1:] == ids_sorted[:, :-1]).any():
+    if ((ids_sorted[:, 1:] == ids_sorted[:, :-1]) & (ids_sorted[:, 1:] >= 0)).any():
         raise ValueError("topk_ids repeat a concept within a row; the teacher top-k must be distinct ids")
     with _full_precision(topk_logits):
         log_probs = torch.log_softmax(_upcast(topk_logits), dim=1)
-        full = log_probs.new_full((n, num_concepts), float("-inf"))
-        return full.scatter(1, topk_ids.long(), log_probs)
+        # padding scatters into an extra column K that is dropped
+        full = log_probs.new_full((n, num_concepts + 1), float("-inf"))
+        ids = topk_ids.long().masked_fill(pad, num_concepts)
+        return full.scatter(1, ids, log_probs)[:, :num_concepts]
 
 
 def distillation_kl(
