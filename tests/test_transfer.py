@@ -1,0 +1,296 @@
+"""Open-vocabulary detector: classifier maths, RoI sampling, bad input, a tiny end-to-end transfer."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+
+from data_prep import emojiworld
+from pipelines import transfer as transfer_pipeline
+from regionclip.config import TransferConfig, load_config
+from regionclip.proposals import build_proposal_network, save_rpn
+from regionclip.text import save_embeddings
+from regionclip.transfer import TextClassifier, TransferError, ov_classification_loss
+from regionclip.transfer.engine import select_embeddings
+from regionclip.transfer.torchvision_rcnn import build_detector
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Toy-sized convolutions run fastest on one thread, above all on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------
+# Classifier and loss, by hand
+# --------------------------------------------------------------------------------------------
+
+# 2 classes in 2-d; the rows are scaled to check that the classifier normalises them
+EMB = torch.tensor([[2.0, 0.0], [0.0, 3.0]])
+X = torch.tensor([[5.0, 0.0], [1.0, 1.0]])  # cos = [1, 0] and [0.7071, 0.7071]
+
+
+def test_logits_are_cosines_over_temperature_with_background_zero_last():
+    logits = TextClassifier(2, EMB, temperature=0.5)(X)
+    s = math.sqrt(0.5) / 0.5
+    expected = torch.tensor([[2.0, 0.0, 0.0], [s, s, 0.0]])
+    assert torch.allclose(logits, expected, atol=1e-6)
+
+
+def test_focal_scaled_loss_with_background_weight_by_hand():
+    logits = TextClassifier(2, EMB, temperature=0.5)(X)
+    labels = torch.tensor([0, 2])  # RoI 1: class 0; RoI 2: background (last index)
+    # RoI 1: logits (2, 0, 0)
+    p1 = math.exp(2) / (math.exp(2) + 2)
+    loss1 = -math.log(p1) * (1 - p1) ** 0.5
+    # RoI 2: logits (a, a, 0), a = sqrt(2); background probability 1 / (2 e^a + 1), weight 0.2
+    p2 = 1 / (2 * math.exp(math.sqrt(2)) + 1)
+    loss2 = -math.log(p2) * (1 - p2) ** 0.5 * 0.2
+    got = ov_classification_loss(logits, labels, bg_weight=0.2, focal_gamma=0.5)
+    assert got.item() == pytest.approx((loss1 + loss2) / 2, rel=1e-5)  # mean over RoIs, not weights
+    # gamma 0: background-weighted cross-entropy, still divided by the number of RoIs
+    plain = ov_classification_loss(logits, labels, bg_weight=0.2, focal_gamma=0.0)
+    assert plain.item() == pytest.approx((-math.log(p1) - 0.2 * math.log(p2)) / 2, rel=1e-5)
+
+
+def test_background_logit_is_a_constant_without_gradient():
+    clf = TextClassifier(2, EMB)
+    assert list(clf.parameters()) == []  # nothing in the classifier trains
+    x = X.clone().requires_grad_(True)
+    logits = clf(x)
+    logits.retain_grad()
+    ov_classification_loss(logits, torch.tensor([1, 2])).backward()
+    assert (logits[:, -1] == 0).all()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert "weight" not in clf.state_dict()  # the vocabulary is not part of checkpoints
+
+
+def test_confident_rois_at_temperature_001_give_finite_gradients():
+    # p_t rounds to 1 in fp32 (logit gap 100): (1 - p_t)^0.5 must not turn the gradient into NaN
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    logits = TextClassifier(2, EMB, temperature=0.01)(x)
+    loss = ov_classification_loss(logits, torch.tensor([0, 1]))
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() < 1e-20
+    assert torch.isfinite(x.grad).all()
+
+
+def test_empty_batch_loss_is_zero_and_connected():
+    logits = torch.zeros(0, 3, requires_grad=True)
+    loss = ov_classification_loss(logits, torch.zeros(0, dtype=torch.int64))
+    loss.backward()
+    assert loss.item() == 0.0
+
+
+def test_swapping_the_vocabulary_changes_the_number_of_outputs():
+    clf = TextClassifier(2, EMB)
+    assert clf(X).shape == (2, 3)
+    clf.set_embeddings(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, -1.0]]))
+    logits = clf(X)
+    assert logits.shape == (2, 5)
+    assert logits[1, 2].item() == pytest.approx(100.0, rel=1e-5)  # x2 and class 2 point the same way
+
+
+def test_embedding_dimension_mismatch_names_both_dimensions():
+    with pytest.raises(ValueError, match=r"dimension 3 does not match .* dimension 2"):
+        TextClassifier(2, torch.ones(4, 3))
+    clf = TextClassifier(2, EMB)
+    with pytest.raises(ValueError, match=r"dimension 5 does not match .* dimension 2"):
+        clf.set_embeddings(torch.ones(4, 5))
+
+
+def test_class_count_mismatch_names_the_missing_categories():
+    emb = torch.eye(3)
+    got = select_embeddings(emb, ["a", "b", "c"], ["c", "a"], "emb.safetensors", "val.json")
+    assert torch.equal(got, emb[[2, 0]])
+    with pytest.raises(TransferError, match=r"val.json has 3 categories .* emb.safetensors .* \['d'\]"):
+        select_embeddings(emb, ["a", "b", "c"], ["a", "b", "d"], "emb.safetensors", "val.json")
+
+
+# --------------------------------------------------------------------------------------------
+# Detector pieces
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def detector(tiny_clip):
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.create_model(tiny_clip[0])
+    cfg = TransferConfig(batch_size_per_image=8, positive_fraction=0.5)
+    return build_detector(model.visual, torch.randn(3, 64), cfg)
+
+
+def test_backbone_is_frozen_bn_and_freeze_at_2(detector):
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    visual = detector.encoder.visual
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in visual.modules())
+    assert isinstance(visual.bn1, FrozenBatchNorm2d)
+    trainable = {n.split(".")[0] for n, p in visual.named_parameters() if p.requires_grad}
+    assert trainable == {"layer2", "layer3", "layer4", "attnpool"}
+
+
+def test_rois_sampled_with_gt_appended_and_background_last(detector):
+    detector.train()
+    gt = torch.tensor([[10.0, 10.0, 30.0, 30.0]])
+    proposals = [torch.tensor([[10.0, 10.0, 30.0, 32.0], [40.0, 40.0, 60.0, 60.0]])]  # IoU 0.91 and 0
+    boxes, labels, deltas = detector.sample_rois(proposals, [{"boxes": gt, "labels": torch.tensor([2])}])
+    order = boxes[0][:, 3].argsort()  # the sampler shuffles: sort by y1 (30 = GT, 32, 60)
+    assert torch.equal(boxes[0][order], torch.cat([gt, proposals[0]]))
+    assert labels[0][order].tolist() == [2, 2, 3]  # class 2, class 2, background = C = 3
+    assert torch.allclose(deltas[0][order][0], torch.zeros(4), atol=1e-6)  # the GT box itself
+    # height 22 -> 20: dh = 5 * log(20 / 22) with torchvision's weights (10, 10, 5, 5)
+    assert deltas[0][order][1, 3].item() == pytest.approx(5 * math.log(20 / 22), rel=1e-5)
+
+
+def test_eval_mode_returns_at_most_the_per_image_limit(detector):
+    detector.eval()
+    detector.detections_per_image = 5
+    images = torch.randn(2, 3, 64, 64)
+    proposals = [torch.tensor([[0.0, 0.0, 32.0, 32.0], [16.0, 16.0, 60.0, 60.0]]), torch.zeros(0, 4)]
+    with torch.no_grad():
+        out = detector(images, [(64, 64), (64, 64)], proposals)
+    assert len(out[0]["boxes"]) <= 5 and len(out[1]["boxes"]) == 0
+    assert out[0]["labels"].max() < 3 and (out[0]["scores"] > 0.001).all()
+
+
+# --------------------------------------------------------------------------------------------
+# End to end on EmojiWorld `tiny`
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, tiny_clip) -> dict:
+    """EmojiWorld tiny (16 det-train / 16 val images at 64 px), a tiny random RPN and teacher."""
+    root = tmp_path_factory.mktemp("transfer")
+    assert emojiworld.main(["--config", "configs/tiny.yaml", f"output_dir={root}"]) == 0
+    rpn_cfg = load_config(
+        None,
+        [f"rpn.out_dir={root / 'rpn'}", "rpn.backbone=resnet18", "rpn.norm=bn", "rpn.fpn_levels=[3,4]",
+         "rpn.fpn_channels=16", "rpn.min_size=64", "rpn.max_size=64", "rpn.anchor_sizes=[16,32,64]",
+         "rpn.pre_nms_top_n_test=100", "rpn.post_nms_top_n_test=30"],
+    ).rpn  # fmt: skip
+    torch.manual_seed(0)
+    save_rpn(build_proposal_network(rpn_cfg), rpn_cfg, rpn_cfg.out_dir)
+    name, model_config = tiny_clip
+    argv = [
+        "--config", "configs/tiny.yaml", f"output_dir={root}", "device=cpu",
+        f"teacher.model={name}", f"teacher.model_config={model_config}", f"rpn.out_dir={root / 'rpn'}",
+        "transfer.train_short_sides=[64]", "transfer.test_short_side=64", "transfer.max_side=64",
+        "transfer.templates=single", "transfer.batch_size=4", "transfer.steps=3",
+        "transfer.batch_size_per_image=16", "transfer.eval_batch_size=8",
+        # near-uniform class scores keep every class above the score threshold: the test can then
+        # see that the test-time vocabulary (base + novel) replaced the training one (base)
+        "transfer.temperature=1", "transfer.detections_per_image=1000",
+    ]  # fmt: skip
+    return {"root": root, "argv": argv}
+
+
+def _metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_tiny_transfer_end_to_end(world: dict, capsys):
+    assert transfer_pipeline.main(world["argv"]) == 0
+    out = world["root"] / "transfer" / "clip"
+    metrics = _metrics(out)
+    for split in ("all", "base", "novel"):
+        assert 0.0 <= metrics[f"AP50_{split}"] <= 1.0
+    assert metrics["classes_with_boxes"]["base"] > 0 and metrics["classes_with_boxes"]["novel"] > 0
+    assert set(metrics["coco"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"}
+    assert metrics["train"]["steps"] == 3 and metrics["eval"]["images"] == 16
+    detections = json.loads((out / "detections.json").read_text())
+    val = json.loads((world["root"] / "emojiworld" / "val.json").read_text())
+    assert {d["category_id"] for d in detections} <= {c["id"] for c in val["categories"]}
+    novel = {c["id"] for c in val["categories"] if c["split"] == "novel"}
+    assert novel & {d["category_id"] for d in detections}  # the test vocabulary includes novel classes
+    assert len(detections) <= 16 * 1000
+    assert "AP50 all" in capsys.readouterr().out
+    # same config again: nothing is recomputed
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert transfer_pipeline.main(world["argv"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_resume_after_stop_gives_the_same_model(world: dict):
+    full = world["root"] / "transfer" / "clip" / "model.safetensors"
+    if not full.is_file():
+        assert transfer_pipeline.main(world["argv"]) == 0
+    argv = [*world["argv"], "transfer.tag=resumed"]
+    assert transfer_pipeline.main([*argv, "--stop-after", "2"]) == 0
+    out = world["root"] / "transfer" / "resumed"
+    assert json.loads((out / "checkpoint" / "latest.json").read_text())["step"] == 2
+    assert not (out / "metrics.json").exists()
+    assert transfer_pipeline.main(argv) == 0
+    a, b = safetensors.torch.load_file(str(full)), safetensors.torch.load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_trainable_rpn_head_trains_and_evaluates(world: dict):
+    argv = [*world["argv"], "transfer.tag=rpnhead", "transfer.proposals=trainable",
+            "transfer.rpn_anchor_sizes=[16,32]", "transfer.rpn_post_nms_top_n_test=50", "transfer.steps=2"]  # fmt: skip
+    assert transfer_pipeline.main(argv) == 0
+    metrics = _metrics(world["root"] / "transfer" / "rpnhead")
+    assert {"loss_objectness", "loss_rpn_box_reg", "loss_cls"} <= set(metrics["train"]["final_losses"])
+
+
+def test_missing_val_image_is_named(world: dict, tmp_path: Path, capsys):
+    val = json.loads((world["root"] / "emojiworld" / "val.json").read_text())
+    val["images"][3]["file_name"] = "val/not-there.jpg"
+    (tmp_path / "val.json").write_text(json.dumps(val))
+    argv = [*world["argv"], f"transfer.out_dir={tmp_path / 'run'}", f"transfer.val_json={tmp_path / 'val.json'}",
+            "transfer.steps=1"]  # fmt: skip
+    assert transfer_pipeline.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "val.json: 1 of 16 image files do not exist" in err and "not-there.jpg" in err
+
+
+def test_missing_train_image_is_skipped_and_counted(world: dict, tmp_path: Path):
+    train = json.loads((world["root"] / "emojiworld" / "det_train.json").read_text())
+    with_boxes = {a["image_id"] for a in train["annotations"]}
+    victim = next(i for i in train["images"] if i["id"] in with_boxes)
+    victim["file_name"] = "det_train/gone.jpg"
+    (tmp_path / "train.json").write_text(json.dumps(train))
+    argv = [*world["argv"], f"transfer.out_dir={tmp_path / 'run'}", f"transfer.train_json={tmp_path / 'train.json'}",
+            "transfer.steps=1"]  # fmt: skip
+    assert transfer_pipeline.main(argv) == 0
+    assert _metrics(tmp_path / "run")["train"]["skipped"]["missing_image"] == 1
+
+
+def test_bad_vocabulary_files_are_refused(world: dict, tmp_path: Path, capsys):
+    val = json.loads((world["root"] / "emojiworld" / "val.json").read_text())
+    names = [c["name"] for c in val["categories"]]
+    save_embeddings(tmp_path / "wide.safetensors", torch.randn(len(names), 32), names, {})
+    argv = [*world["argv"], f"transfer.out_dir={tmp_path / 'run'}", "transfer.steps=1"]
+    assert transfer_pipeline.main([*argv, f"transfer.class_embeddings={tmp_path / 'wide.safetensors'}"]) == 1
+    assert "dimension 32 does not match the model's region embedding dimension 64" in capsys.readouterr().err
+    save_embeddings(tmp_path / "short.safetensors", F.normalize(torch.randn(4, 64)), names[:4], {})
+    assert transfer_pipeline.main([*argv, f"transfer.class_embeddings={tmp_path / 'short.safetensors'}"]) == 1
+    err = capsys.readouterr().err
+    assert "class-count mismatch" in err and "holds 4 class embeddings" in err
+    shutil.rmtree(tmp_path / "run", ignore_errors=True)
+
+
+def test_frozen_rpn_boxes_are_cut_to_the_top_k_and_scaled():
+    from regionclip.transfer.engine import _Prepared, _proposals_for
+
+    def rpn(keys, images):  # highest objectness first, original pixels
+        return [torch.tensor([[0.0, 0.0, 10.0, 10.0], [2.0, 2.0, 4.0, 8.0], [1.0, 1.0, 3.0, 3.0]])], [None]
+
+    prep = _Prepared(torch.zeros(3, 20, 20), torch.zeros(3, 10, 10), scale=2.0)
+    got = _proposals_for(rpn, ["k"], [prep], 2, torch.device("cpu"))
+    assert torch.equal(got[0], torch.tensor([[0.0, 0.0, 20.0, 20.0], [4.0, 4.0, 8.0, 16.0]]))
+    assert len(_proposals_for(rpn, ["k"], [prep], 0, torch.device("cpu"))[0]) == 3
+    assert _proposals_for(None, ["k"], [prep], 2, torch.device("cpu")) is None
