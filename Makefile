@@ -15,7 +15,7 @@ EMOJI_FONT ?=
 DEBIAN_EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 STAMP := $(VENV)/.installed
 
-.PHONY: install font test lint demo demo-data data validate concepts rpn pseudolabel bench clean
+.PHONY: install font test lint demo demo-data data validate concepts rpn pseudolabel pretrain teacher transfer eval detect bench clean
 
 install: $(STAMP)
 
@@ -65,6 +65,32 @@ rpn: install
 
 pseudolabel: install
 	$(PY) -m pipelines.pseudolabel --config $(CONFIG) $(ARGS)
+
+# Student pretraining on the pseudo-labels; several GPUs/nodes: accelerate launch pretrain.py ...
+pretrain: install
+	$(PY) pretrain.py --config $(CONFIG) $(ARGS)
+
+# The demo's image-level teacher: pretrain.py as a plain CLIP trainer (image-text loss only, both
+# towers trained from scratch) on the EmojiWorld image-text shards, into <output_dir>/teacher.
+TEACHER_ARGS ?= pretrain.mode=image_text 'pretrain.out_dir=$${output_dir}/teacher' pretrain.freeze_at=0 \
+  pretrain.train_text=true pretrain.freeze_bn=false pretrain.optimizer=adamw pretrain.lr=0.001 pretrain.weight_decay=0.05 \
+  pretrain.image_text_temperature=0.07 pretrain.warmup_steps=20 pretrain.max_steps=300 pretrain.checkpoint_every=50
+teacher: install
+	$(PY) pretrain.py --config $(CONFIG) $(TEACHER_ARGS) $(ARGS)
+
+# Open-vocabulary detector on base boxes -> AP50 base/novel/all; transfer.init/transfer.tag pick
+# the teacher (CLIP baseline) or a student checkpoint (RegionCLIP).
+transfer: install
+	$(PY) -m pipelines.transfer --config $(CONFIG) $(ARGS)
+
+# Zero-shot region top-1/top-5 and RPN-box AP50 (all/base/novel) -> runs/<name>/eval/<tag>.json;
+# eval.model.pretrained=<checkpoint> eval.tag=<name> picks the model (default: the teacher).
+eval: install
+	$(PY) -m pipelines.eval --config $(CONFIG) $(ARGS)
+
+# make detect ARGS="--model M --rpn DIR --prompt 'cat. dog.' IMAGES..."
+detect: install
+	$(PY) -m pipelines.detect $(ARGS)
 
 # The pipeline as far as it is built: data -> RPN -> concepts. Pseudo-labelling joins once the
 # demo trains its image-level teacher (pretrain.py); until then the teacher is random.

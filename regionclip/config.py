@@ -225,6 +225,165 @@ class PseudoLabelConfig:
     seed: int = "${seed}"  # type: ignore[assignment]
 
 
+def _student_init() -> ClipModelConfig:
+    # RegionCLIP initialises the student from the teacher
+    return ClipModelConfig(
+        model="${teacher.model}",
+        pretrained="${teacher.pretrained}",
+        model_config="${teacher.model_config}",
+        precision="fp32",  # master weights; pretrain.precision=bf16 autocasts on GPU
+    )
+
+
+@dataclass
+class PretrainConfig:
+    """`accelerate launch pretrain.py`: student pretraining (DESIGN §4; regionclip/train.py)."""
+
+    # regions: pseudo-label shards, RegionCLIP's three losses | image_text: image-text shards and the
+    # image-text loss only (a plain CLIP trainer; the demo trains its teacher with it)
+    mode: str = "regions"
+    # regions mode with RPN + teacher inside the step (RegionCLIP's original design) on image-text shards
+    online: bool = False
+    # webdataset URLs or a folder of .tar files; empty = by mode: the pseudo-label shards that
+    # `make pseudolabel` writes for data.pretrain_shards (regions), else data.pretrain_shards
+    shards: str = ""
+    concepts: str = "${pseudolabel.concepts}"  # concept pool embeddings (regions mode)
+    allow_mismatch: bool = False  # train on pseudo-label shards whose concept pool/teacher differ from the config
+    init: ClipModelConfig = field(default_factory=_student_init)
+    freeze_at: int = 2  # stem + layer1 frozen (Detectron2 FREEZE_AT); BatchNorm always frozen
+    train_text: bool = False  # RegionCLIP freezes the text tower; true for a CLIP trained from scratch
+    freeze_bn: bool = True  # RegionCLIP freezes every BatchNorm; false for an image tower trained from scratch
+    image_text_weight: float = 1.0
+    distill_weight: float = 1.0
+    contrastive_weight: float = 1.0
+    image_text_temperature: float = 0.01
+    distill_temperature: float = 0.01
+    contrastive_temperature: float = 0.01
+    teacher_temperature: float = "${pseudolabel.temperature}"  # type: ignore[assignment]
+    batch_size: int = 3  # per process (RegionCLIP: 3 per GPU x 32 GPUs = 96)
+    grad_accum: int = 1
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.002
+    momentum: float = 0.9  # sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    weight_decay: float = 1e-4
+    warmup_steps: int = 1000  # linear from lr * warmup_factor (optimizer steps)
+    warmup_factor: float = 0.001
+    schedule: str = "multistep"  # multistep | cosine (to 0 at max_steps)
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.875])  # fractions of max_steps
+    gamma: float = 0.1
+    max_steps: int = 600_000  # optimizer steps
+    grad_clip: float = 5.0  # max global grad norm; 0 = off
+    precision: str = "fp32"  # fp32 | bf16 (autocast, GPU only)
+    checkpoint_every: int = 5000  # optimizer steps; 0 = only at the end
+    keep_checkpoints: int = 2  # newest checkpoints kept; 0 = all
+    log_every: int = 20
+    num_workers: int = 4  # DataLoader workers per process
+    shuffle_buffer: int = 1000  # samples shuffled together (blocks of a shard); 0 or 1 = file order
+    short_side: int = 800  # student input: whole image, bicubic
+    max_side: int = 1333
+    hflip: bool = True
+    seed: int = "${seed}"  # type: ignore[assignment]
+    out_dir: str = "${output_dir}/student"
+    debug_dump: str = ""  # JSON file: per-step losses and first-step gradient norms (tests)
+
+
+@dataclass
+class TransferConfig:
+    """`make transfer`: open-vocabulary Faster R-CNN (C4) on base boxes, AP50 base/novel/all (DESIGN §4)."""
+
+    tag: str = "clip"  # run name: out_dir is ${output_dir}/transfer/<tag>
+    out_dir: str = "${output_dir}/transfer/${transfer.tag}"
+    # Backbone + box head weights: the teacher (CLIP baseline, the default) or a student checkpoint
+    # folder from pretraining (RegionCLIP); its text tower embeds the class names.
+    init: ClipModelConfig = field(
+        default_factory=lambda: ClipModelConfig(
+            model="${teacher.model}",
+            pretrained="${teacher.pretrained}",
+            model_config="${teacher.model_config}",
+        )
+    )
+    train_json: str = "${data.det_train_json}"  # base-class boxes; its categories are the training vocabulary
+    val_json: str = "${data.val_json}"  # all boxes; its categories (base + novel) are the test vocabulary
+    image_root: str = "${data.image_root}"
+    class_embeddings: str = ""  # embeddings file (regionclip.text format) naming every category; empty = embed here
+    templates: str = "ensemble"
+    proposals: str = "frozen"  # frozen: the project's RPN (rpn_dir), as RegionCLIP | trainable: an RPN head on C4
+    rpn_dir: str = "${rpn.out_dir}"
+    max_proposals: int = 0  # frozen RPN: keep the top-k by objectness per image (0 = all it returns)
+    rpn_anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    rpn_aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    rpn_pre_nms_top_n_train: int = 12000
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 6000
+    rpn_post_nms_top_n_test: int = 1000
+    rpn_nms_thresh: float = 0.7
+    train_short_sides: list[int] = field(default_factory=lambda: [640, 672, 704, 736, 768, 800])
+    test_short_side: int = 800
+    max_side: int = 1333
+    hflip_prob: float = 0.5
+    freeze_at: int = 2  # stem + layer1
+    pooler_resolution: int = 0  # 0 = 2 x attention-pool grid (14 for RN50)
+    batch_size_per_image: int = 512  # sampled RoIs
+    positive_fraction: float = 0.25
+    fg_iou_thresh: float = 0.5
+    temperature: float = 0.01
+    bg_weight: float = 0.2
+    focal_gamma: float = 0.5
+    batch_size: int = 16  # images per step
+    steps: int = 90000
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 5000
+    lr_decay_at: list[float] = field(default_factory=lambda: [0.667, 0.889])  # fractions of `steps`
+    lr_decay_factor: float = 0.1
+    precision: str = "fp32"  # fp32 | bf16 (autocast on GPU)
+    checkpoint_every: int = 1000
+    num_workers: int = 4
+    seed: int = "${seed}"  # type: ignore[assignment]
+    score_thresh: float = 0.001
+    nms_thresh: float = 0.5
+    detections_per_image: int = 100
+    eval_batch_size: int = 8
+
+
+@dataclass
+class EvalConfig:
+    """`make eval`: zero-shot region recognition on GT boxes and zero-shot detection with RPN boxes."""
+
+    # The model under test (default the teacher); a student is its checkpoint folder in `pretrained`.
+    model: ClipModelConfig = field(
+        default_factory=lambda: ClipModelConfig(
+            model="${teacher.model}",
+            pretrained="${teacher.pretrained}",
+            model_config="${teacher.model_config}",
+            precision="${teacher.precision}",
+        )
+    )
+    tag: str = ""  # names the result file <out_dir>/<tag>.json; empty = from the model and its weights
+    out_dir: str = "${output_dir}/eval"
+    json: str = "${data.val_json}"  # COCO-format json with all boxes
+    image_root: str = "${data.image_root}"
+    vocabulary: str = ""  # class names file, one per line in the json's category order; empty = json names
+    class_embeddings: str = ""  # precomputed embeddings file (regionclip.text format); overrides vocabulary
+    templates: str = "ensemble"  # ensemble | single
+    novel: list[str] = field(default_factory=list)  # novel names when the json's categories lack "split"
+    cache_dir: str = "${output_dir}/eval/cache"  # class embeddings per (model, names, templates); empty = off
+    rpn: str = "${rpn.out_dir}"  # trained RPN folder; empty = skip zero-shot detection
+    rpn_nms: float = 0.9  # RegionCLIP zero-shot proposal NMS ("following ViLD")
+    rpn_topk: int = 1000  # proposals per image after NMS; 0 = the RPN's own setting
+    short_side: int = 800
+    max_side: int = 1333
+    batch_size: int = 8
+    temperature: float = 0.01
+    score_thresh: float = 0.001
+    nms: float = 0.5  # per-class NMS of the detections
+    max_dets: int = 100
+    multiply_rpn_score: bool = True  # sqrt(class probability x sigmoid objectness)
+    max_images: int = 0  # evaluate the first N images only; 0 = all
+
+
 @dataclass
 class ExperimentConfig:
     name: str = "experiment"
@@ -239,6 +398,9 @@ class ExperimentConfig:
     concepts: ConceptsConfig = field(default_factory=ConceptsConfig)
     rpn: RPNConfig = field(default_factory=RPNConfig)
     pseudolabel: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # --------------------------------------------------------------------------------------------

@@ -107,9 +107,12 @@ class StudentModel(nn.Module):
         freeze_at: int = 2,
         pooler_resolution: int | None = None,
         per_image_features: bool = False,
+        train_text: bool = False,
+        freeze_bn: bool = True,
     ):
         super().__init__()
-        clip.visual = freeze_batch_norm_2d(clip.visual)
+        if freeze_bn:  # off only for an image tower trained from scratch (the demo teacher)
+            clip.visual = freeze_batch_norm_2d(clip.visual)
         self.clip = clip
         object.__setattr__(self, "_region_encoder", RegionEncoder(clip.visual, pooler_resolution))
         self.tokenizer = tokenizer
@@ -123,9 +126,14 @@ class StudentModel(nn.Module):
                 f"(0 = only BatchNorm frozen ... {len(stages)} = all {len(stages)} stages frozen)"
             )
         self.freeze_at = freeze_at
+        # train_text: a CLIP trained from scratch (the demo teacher) needs its text tower to learn;
+        # the logit scale stays fixed (the losses use a configured temperature)
+        self.train_text = train_text
         for name, p in clip.named_parameters():
-            p.requires_grad_(name.startswith("visual."))
-        self._frozen_modules: list[nn.Module] = [c for n, c in clip.named_children() if n != "visual"]
+            p.requires_grad_(name.startswith("visual.") or (train_text and not name.startswith("logit_")))
+        self._frozen_modules: list[nn.Module] = (
+            [] if train_text else [c for n, c in clip.named_children() if n != "visual"]
+        )
         for name in (n for stage in stages[:freeze_at] for n in stage):
             target = clip.visual.get_submodule(name) if _is_module(clip.visual, name) else None
             if target is not None:
@@ -162,10 +170,10 @@ class StudentModel(nn.Module):
         """``(name, parameter)`` of every parameter that trains (for the optimiser's groups)."""
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
-    @torch.no_grad()
     def encode_text(self, tokens: Tensor) -> Tensor:
-        """Frozen text tower: tokens [B, L] -> un-normalised caption embeddings [B, D] (no grad)."""
-        return encode_text_trimmed(self.clip, tokens)
+        """Text tower: tokens [B, L] -> un-normalised caption embeddings [B, D] (no grad unless train_text)."""
+        with torch.set_grad_enabled(self.train_text and torch.is_grad_enabled()):
+            return encode_text_trimmed(self.clip, tokens)
 
     def forward(self, batch: PretrainBatch, need_regions: bool = True) -> dict[str, Tensor]:
         """Embeddings of one batch (nothing normalised; the losses normalise).
@@ -220,6 +228,8 @@ def build_student(
     device: str | torch.device = "cpu",
     pooler_resolution: int | None = None,
     per_image_features: bool = False,
+    train_text: bool = False,
+    freeze_bn: bool = True,
 ) -> StudentModel:
     """The student: ``init`` loaded with :func:`~regionclip.models.loading.load_clip` (the trainer
     passes the teacher's config: RegionCLIP initialises the student from the teacher), then frozen
@@ -237,6 +247,8 @@ def build_student(
         freeze_at,
         pooler_resolution,
         per_image_features,
+        train_text,
+        freeze_bn,
     )
 
 

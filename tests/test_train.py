@@ -1,0 +1,402 @@
+"""Pretraining: schedule by hand, the data stream's order and resume, both modes end to end, exact
+resume after a kill, NaN stop, manifest refusal, and 2 CPU processes == 1 process."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import safetensors.torch
+import torch
+from PIL import Image
+
+import pretrain
+from pipelines import pseudolabel as pl_stage
+from regionclip import train as train_mod
+from regionclip.config import load_config
+from regionclip.data.pretrain_data import DataState, PretrainStream, decode_pseudo, make_loader, shard_at
+from regionclip.data.shards import ShardWriter, decode_image_text, encode_image, image_text_sample
+from regionclip.proposals import build_proposal_network, save_rpn
+from regionclip.text import save_embeddings
+from regionclip.train import TrainingError, lr_at, train
+
+REPO = Path(__file__).resolve().parents[1]
+CONCEPTS = ["dog", "cat", "red umbrella", "umbrella", "tree", "car"]
+N_SHARDS, PER_SHARD = 4, 4
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread: fastest at toy size, and the numerics of a torchrun worker (OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def _key(shard: int, i: int) -> str:
+    return f"s{shard}x{i}"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, tiny_clip) -> dict:
+    """4 image-text shards x 4 samples (64 px, one size: no padding differences between batchings),
+    their pseudo-label shards from a tiny teacher + random RPN + 6-concept pool, and a config."""
+    root = tmp_path_factory.mktemp("train")
+    rng = np.random.default_rng(0)
+    with ShardWriter(root / "in", "train", maxcount=PER_SHARD) as writer:
+        for s in range(N_SHARDS):
+            for i in range(PER_SHARD):
+                n = s * PER_SHARD + i
+                image = encode_image(
+                    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)), "png"
+                )
+                caption = f"a {CONCEPTS[n % 6]} next to a {CONCEPTS[(n + 1) % 6]}"
+                writer.write(
+                    image_text_sample(_key(s, i), image, "png", caption, {"width": 64, "height": 64})
+                )
+    name, model_config = tiny_clip
+    torch.manual_seed(0)
+    teacher = open_clip.create_model(name)
+    safetensors.torch.save_file(
+        {k: v.contiguous() for k, v in teacher.state_dict().items()}, str(root / "teacher.safetensors")
+    )
+    save_embeddings(root / "concepts.safetensors", torch.randn(len(CONCEPTS), 64), CONCEPTS, {"model": name})
+    save_embeddings(root / "other.safetensors", torch.randn(len(CONCEPTS), 64), CONCEPTS, {"model": name})
+    rpn = {
+        "out_dir": str(root / "rpn"),
+        "backbone": "resnet18",
+        "norm": "bn",
+        "fpn_levels": [3, 4],
+        "fpn_channels": 16,
+        "min_size": 64,
+        "max_size": 64,
+        "anchor_sizes": [16, 32, 64],
+        "pre_nms_top_n_test": 100,
+        "post_nms_top_n_test": 30,
+    }
+    rpn_cfg = load_config(None, [f"rpn.{k}={v}".replace(" ", "") for k, v in rpn.items()]).rpn
+    torch.manual_seed(0)
+    save_rpn(build_proposal_network(rpn_cfg), rpn_cfg, rpn_cfg.out_dir)
+    config = {
+        "output_dir": str(root / "runs"),
+        "device": "cpu",
+        "teacher": {
+            "model": name,
+            "model_config": model_config,
+            "pretrained": str(root / "teacher.safetensors"),
+        },
+        "data": {"pretrain_shards": str(root / "in" / "train-{000000..000003}.tar")},
+        "rpn": rpn,
+        "pseudolabel": {
+            "out_dir": str(root / "pl"),
+            "concepts": str(root / "concepts.safetensors"),
+            "short_side": 64,
+            "max_side": 64,
+            "num_regions": 6,
+            "proposal_pool": 20,
+            "topk": 4,
+            "batch_size": 4,
+        },
+        "pretrain": {
+            "batch_size": 4,
+            "num_workers": 0,
+            "short_side": 64,
+            "max_side": 64,
+            "warmup_steps": 2,
+            "log_every": 1,
+            "checkpoint_every": 0,
+            "shuffle_buffer": 4,
+            "max_steps": 2,
+        },
+    }
+    (root / "cfg.yaml").write_text(json.dumps(config))  # JSON is YAML
+    assert pl_stage.main(["--config", str(root / "cfg.yaml")]) == 0
+    return {"root": root, "config": str(root / "cfg.yaml")}
+
+
+def _cfg(world: dict, out: Path, *overrides: str):
+    return load_config(world["config"], [f"pretrain.out_dir={out}", *overrides])
+
+
+# --------------------------------------------------------------------------------------------
+# Schedule and data stream
+# --------------------------------------------------------------------------------------------
+
+
+def test_lr_schedule_by_hand():
+    p = load_config(
+        None,
+        [
+            "pretrain.lr=0.1",
+            "pretrain.warmup_steps=10",
+            "pretrain.max_steps=100",
+            "pretrain.milestones=[0.5,0.75]",
+        ],
+    ).pretrain
+    assert lr_at(0, p) == pytest.approx(0.1 * 0.001)
+    assert lr_at(5, p) == pytest.approx(0.1 * (0.001 * 0.5 + 0.5))  # linear warm-up
+    assert lr_at(10, p) == pytest.approx(0.1)
+    assert lr_at(49, p) == pytest.approx(0.1)
+    assert lr_at(50, p) == pytest.approx(0.01)
+    assert lr_at(75, p) == pytest.approx(0.001)
+    p.schedule, p.warmup_steps = "cosine", 0
+    assert lr_at(0, p) == pytest.approx(0.1)
+    assert lr_at(50, p) == pytest.approx(0.05)
+    assert lr_at(100, p) == pytest.approx(0.0, abs=1e-12)
+
+
+def _keys_collate(samples, gen):
+    return [s["__key__"] for s in samples]
+
+
+def _stream(world: dict, **kw) -> PretrainStream:
+    urls = [str(world["root"] / "in" / f"train-{i:06d}.tar") for i in range(N_SHARDS)]
+    args = {"seed": 3, "shuffle_buffer": 3, **kw}
+    return PretrainStream(urls, decode_image_text, _keys_collate, args.pop("batch_size", 4), **args)
+
+
+def _take(stream: PretrainStream, n: int, num_workers: int = 0, state: DataState | None = None) -> list[dict]:
+    out = []
+    for item in make_loader(stream, num_workers):
+        out.append(item)
+        if state is not None:
+            state.update(item)
+        if len(out) == n:
+            return out
+    raise AssertionError("stream ended")
+
+
+def test_stream_reads_every_shard_once_per_epoch(world):
+    items = _take(_stream(world, shuffle_buffer=0), 2 * N_SHARDS)
+    keys = [k for item in items for k in item["batch"]]
+    everything = sorted(_key(s, i) for s in range(N_SHARDS) for i in range(PER_SHARD))
+    epoch0, epoch1 = keys[:16], keys[16:]
+    assert sorted(epoch0) == everything and sorted(epoch1) == everything
+    assert epoch0 != epoch1  # each epoch is another shard permutation
+    assert epoch0[:4] == [_key(int(shard_at([f"{i}" for i in range(4)], 0, 3)), i) for i in range(4)]
+
+
+def test_stream_resumes_mid_shard_with_workers(world):
+    """2 DataLoader workers, batches of 3 across shards of 4, shuffle blocks of 3: a new stream
+    started from the state after 5 batches yields exactly the next batches."""
+    reference = [item["batch"] for item in _take(_stream(world, batch_size=3, num_workers=2), 12, 2)]
+    state = DataState(1, 2)
+    first = _take(_stream(world, batch_size=3, num_workers=2, state=state), 5, 2, state)
+    assert [item["batch"] for item in first] == reference[:5]
+    saved = DataState.from_dict(json.loads(json.dumps(state.to_dict())))
+    resumed = _take(_stream(world, batch_size=3, num_workers=2, state=saved), 7, 2)
+    assert [item["batch"] for item in resumed] == reference[5:]
+
+
+def test_two_ranks_together_see_the_one_rank_batches(world):
+    one = [item["batch"] for item in _take(_stream(world, batch_size=8), 4)]
+    r0 = _take(_stream(world, rank=0, world_size=2), 4)
+    r1 = _take(_stream(world, rank=1, world_size=2), 4)
+    assert [a["batch"] + b["batch"] for a, b in zip(r0, r1, strict=True)] == one
+
+
+def test_bad_samples_travel_as_error_records(world, tmp_path):
+    with ShardWriter(tmp_path, "bad", maxcount=10) as writer:
+        for i in range(3):
+            image = b"not an image" if i == 1 else encode_image(Image.new("RGB", (8, 8)), "png")
+            writer.write(image_text_sample(f"b{i}", image, "png", "a dog", {}))
+    stream = PretrainStream([str(tmp_path / "bad-000000.tar")], decode_image_text, _keys_collate, 2)
+    item = _take(stream, 1)[0]
+    assert item["batch"] == ["b0", "b2"]
+    assert [(e["__error__"], e["__key__"]) for e in item["errors"]] == [("bad_image", "b1")]
+    assert item["position"] == (0, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def test_image_text_mode_trains_and_exports(world, tmp_path, tiny_clip):
+    out = tmp_path / "it"
+    cfg = _cfg(
+        world,
+        out,
+        "pretrain.mode=image_text",
+        "pretrain.max_steps=3",
+        "pretrain.checkpoint_every=1",
+        "pretrain.keep_checkpoints=2",
+        "pretrain.optimizer=adamw",
+        "pretrain.lr=0.001",
+    )
+    summary = train(cfg)
+    assert summary["steps"] == 3 and summary["images"] == 12
+    assert set(summary["final_losses"]) == {"loss", "image_text"}
+    assert math.isfinite(summary["final_losses"]["loss"])
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["checkpoint_2", "checkpoint_3"]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+    name, _ = tiny_clip
+    model = open_clip.create_model(f"local-dir:{out / 'final'}")
+    trained = safetensors.torch.load_file(str(out / "final" / "open_clip_model.safetensors"))
+    teacher = safetensors.torch.load_file(str(world["root"] / "teacher.safetensors"))
+    assert torch.equal(
+        model.state_dict()["visual.attnpool.c_proj.weight"], trained["visual.attnpool.c_proj.weight"]
+    )
+    assert not torch.equal(trained["visual.attnpool.c_proj.weight"], teacher["visual.attnpool.c_proj.weight"])
+    assert torch.equal(trained["visual.conv1.weight"], teacher["visual.conv1.weight"])  # stem frozen
+    assert torch.equal(trained["token_embedding.weight"], teacher["token_embedding.weight"])  # text frozen
+
+
+def test_regions_mode_trains_on_pseudo_labels(world, tmp_path):
+    summary = train(_cfg(world, tmp_path / "rg"))
+    losses = summary["final_losses"]
+    assert set(losses) == {"loss", "image_text", "distill", "contrastive"}
+    assert all(math.isfinite(v) for v in losses.values())
+    assert losses["loss"] == pytest.approx(losses["image_text"] + losses["distill"] + losses["contrastive"])
+
+
+def test_kill_after_checkpoint_then_resume_continues_exactly(world, tmp_path, monkeypatch):
+    """SGD momentum, warm-up, grad accumulation 2, h-flips, batches across shards, shuffle blocks."""
+    common = (
+        "pretrain.max_steps=6",
+        "pretrain.checkpoint_every=3",
+        "pretrain.batch_size=3",
+        "pretrain.grad_accum=2",
+        "pretrain.shuffle_buffer=3",
+        "pretrain.lr=0.05",
+    )
+    ref_dump = tmp_path / "ref.json"
+    train(_cfg(world, tmp_path / "ref", *common, f"pretrain.debug_dump={ref_dump}"))
+    reference = json.loads(ref_dump.read_text())["steps"]
+
+    calls = {"n": 0}
+    real = train_mod.compute_losses
+
+    def dies_in_step_5(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 8:  # 2 micro-batches per step: the 9th call is step 5
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    out = tmp_path / "killed"
+    monkeypatch.setattr(train_mod, "compute_losses", dies_in_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(world, out, *common))
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    monkeypatch.setattr(train_mod, "compute_losses", real)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint_3"]
+    dump = tmp_path / "resumed.json"
+    summary = train(_cfg(world, out, *common, f"pretrain.debug_dump={dump}"))
+    assert summary["resumed_from"] == 3 and summary["steps"] == 6 and summary["images"] == 36
+    resumed = json.loads(dump.read_text())["steps"]
+    assert [s["step"] for s in resumed] == [4, 5, 6]
+    for got, want in zip(resumed, reference[3:], strict=True):
+        for term in ("loss", "image_text", "distill", "contrastive", "lr", "grad_norm"):
+            assert got[term] == pytest.approx(want[term], abs=1e-6), (got["step"], term)
+
+
+def test_nan_loss_stops_with_step_and_batch_keys(world, tmp_path, monkeypatch, capsys):
+    real = train_mod.compute_losses
+
+    def nan_in_step_2(model, batch, *args):
+        out = real(model, batch, *args)
+        nan_in_step_2.calls += 1
+        if nan_in_step_2.calls == 2:
+            out["distill"] = out["distill"] * float("nan")
+            out["loss"] = out["loss"] + out["distill"]
+        return out
+
+    nan_in_step_2.calls = 0
+    monkeypatch.setattr(train_mod, "compute_losses", nan_in_step_2)
+    with pytest.raises(
+        TrainingError, match=r"non-finite loss at step 2 .*distill=nan.*batch keys: \['s\d+x\d"
+    ):
+        train(_cfg(world, tmp_path / "nan"))
+
+
+def test_manifest_mismatch_is_refused(world, tmp_path, capsys):
+    other = world["root"] / "other.safetensors"
+    argv = ["--config", world["config"], f"pretrain.out_dir={tmp_path / 'mm'}", f"pretrain.concepts={other}"]
+    assert pretrain.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "train-000000.tar: labelled with concept pool sha256" in err
+    assert f"pretrain.concepts={other}" in err and "allow_mismatch" in err
+    assert pretrain.main([*argv, "pretrain.allow_mismatch=true", "pretrain.max_steps=1"]) == 0
+    assert pretrain.main(["--config", world["config"], "pretrain.optimizer=adam"]) == 2
+
+
+def test_two_cpu_processes_equal_one_process(world, tmp_path):
+    """image_text mode: 2 processes x batch 4 (embeddings gathered with gradient, DDP averaging)
+    give the losses and first-step gradients of 1 process x batch 8 on the same global batches."""
+    common = ["pretrain.mode=image_text", "pretrain.hflip=false", "pretrain.max_steps=2", "pretrain.lr=0.05"]
+    one = tmp_path / "one.json"
+    train(_cfg(world, tmp_path / "p1", *common, "pretrain.batch_size=8", f"pretrain.debug_dump={one}"))
+    two = tmp_path / "two.json"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", "29533",
+        str(REPO / "pretrain.py"), "--config", world["config"], f"pretrain.out_dir={tmp_path / 'p2'}",
+        *common, "pretrain.batch_size=4", f"pretrain.debug_dump={two}",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    for s1, s2 in zip(a["steps"], b["steps"], strict=True):
+        assert s2["loss"] == pytest.approx(s1["loss"], abs=1e-5)
+        assert s2["grad_norm"] == pytest.approx(s1["grad_norm"], abs=1e-5)
+    assert a["first_step_grads"].keys() == b["first_step_grads"].keys() and a["first_step_grads"]
+    for name, (norm, total) in a["first_step_grads"].items():
+        # fp32 sums over the batch in another order: equal to ~1e-6 relative (norms reach ~70)
+        assert b["first_step_grads"][name] == pytest.approx([norm, total], rel=1e-5, abs=1e-5), name
+    summary = json.loads((tmp_path / "p2" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["global_batch"] == 8
+
+
+def test_teacher_settings_train_text_tower_and_batchnorm(world, tmp_path):
+    out = tmp_path / "tt"
+    train(
+        _cfg(
+            world,
+            out,
+            "pretrain.mode=image_text",
+            "pretrain.max_steps=1",
+            "pretrain.train_text=true",
+            "pretrain.freeze_bn=false",
+            "pretrain.freeze_at=0",
+            "pretrain.optimizer=adamw",
+            "pretrain.lr=0.001",
+        )
+    )
+    trained = safetensors.torch.load_file(str(out / "final" / "open_clip_model.safetensors"))
+    teacher = safetensors.torch.load_file(str(world["root"] / "teacher.safetensors"))
+    for name in (
+        "token_embedding.weight",
+        "text_projection",
+        "visual.conv1.weight",
+        "visual.bn1.running_mean",
+    ):
+        assert not torch.equal(trained[name], teacher[name]), name
+    assert torch.equal(trained["logit_scale"], teacher["logit_scale"])  # the temperature is configured
+
+
+def test_decode_pseudo_turns_bad_samples_into_error_records():
+    png = encode_image(Image.new("RGB", (8, 8)), "png")
+    raw = {"__key__": "k1", "__url__": "u.tar", "json": b"{}", "txt": b"a dog"}
+    assert decode_pseudo(raw)["__error__"] == "missing_image"
+    bad = decode_pseudo({**raw, "png": png})  # no region arrays
+    assert bad["__error__"] == "bad_pseudo_sample" and "boxes.npy" in bad["detail"]
