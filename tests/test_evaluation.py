@@ -1,0 +1,341 @@
+"""COCO AP by split, zero-shot region recognition and detection, vocabulary checks."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from pipelines import eval as eval_pipeline
+from regionclip.config import ClipModelConfig, load_config
+from regionclip.evaluation import (
+    COCO_STAT_NAMES,
+    DetectionParams,
+    category_splits,
+    class_embeddings_for,
+    coco_ap_by_split,
+    detections_from_regions,
+    load_eval_set,
+    region_accuracy,
+    zero_shot_detection,
+)
+from regionclip.models.loading import load_clip
+from regionclip.models.region import encode_regions
+from regionclip.proposals import build_proposal_network, load_rpn, save_rpn
+from regionclip.text import load_embeddings, save_embeddings
+
+# Two 100x100 images. Categories 1, 2 are base, 3 novel, 4 has no box anywhere.
+GT = {
+    "images": [
+        {"id": 1, "file_name": "a.png", "width": 100, "height": 100},
+        {"id": 2, "file_name": "b.png", "width": 100, "height": 100},
+    ],
+    "annotations": [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20]},
+        {"id": 2, "image_id": 1, "category_id": 3, "bbox": [50, 50, 20, 20]},
+        {"id": 3, "image_id": 2, "category_id": 1, "bbox": [10, 10, 30, 30]},
+        {"id": 4, "image_id": 2, "category_id": 2, "bbox": [60, 60, 20, 20]},
+    ],
+    "categories": [{"id": c, "name": f"c{c}"} for c in (1, 2, 3, 4)],
+}
+SPLITS = {"base": [1, 2], "novel": [3], "empty": [4]}
+
+
+def _det(image_id: int, cat: int, bbox: list[float], score: float) -> dict:
+    return {"image_id": image_id, "category_id": cat, "bbox": bbox, "score": score}
+
+
+def _perfect(cats=(1, 2, 3)) -> list[dict]:
+    return [
+        _det(a["image_id"], a["category_id"], a["bbox"], 0.9)
+        for a in GT["annotations"]
+        if a["category_id"] in cats
+    ]
+
+
+def test_perfect_detections_give_one(tmp_path: Path) -> None:
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(GT))
+    out = coco_ap_by_split(path, _perfect(), SPLITS)
+    assert out["AP50"] == pytest.approx({"base": 1.0, "novel": 1.0, "empty": None, "all": 1.0})
+    assert out["AP"]["all"] == pytest.approx(1.0)
+    assert list(out["coco"]) == list(COCO_STAT_NAMES)
+    assert out["coco"]["AP50"] == pytest.approx(1.0)
+    assert out["coco"]["APl"] == -1.0  # every GT box is small: undefined, pycocotools' -1
+    assert out["num_detections"] == 4
+
+
+def test_split_without_detections_is_zero() -> None:
+    out = coco_ap_by_split(GT, _perfect(cats=(1, 2)), SPLITS)
+    assert out["AP50"]["base"] == pytest.approx(1.0)
+    assert out["AP50"]["novel"] == 0.0
+    # "all" averages the three categories with GT: (1 + 1 + 0) / 3
+    assert out["AP50"]["all"] == pytest.approx(2 / 3)
+    assert out["per_category_AP50"] == pytest.approx({1: 1.0, 2: 1.0, 3: 0.0})
+
+
+def test_false_positive_between_true_positives() -> None:
+    # Category 1 (2 GT boxes): TP 0.9, FP 0.8 (empty corner), TP 0.7.
+    # precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1 -> interpolated 1 up to recall 0.5, then 2/3.
+    # 101 recall points: 0.00..0.50 (51 points) at 1, 0.51..1.00 (50 points) at 2/3.
+    dets = [
+        _det(1, 1, [10, 10, 20, 20], 0.9),
+        _det(1, 1, [75, 0, 20, 20], 0.8),
+        _det(2, 1, [10, 10, 30, 30], 0.7),
+    ]
+    out = coco_ap_by_split(GT, dets, {"base": [1], "novel": [3]})
+    expected = (51 * 1.0 + 50 * (2 / 3)) / 101
+    assert out["per_category_AP50"][1] == pytest.approx(expected)
+    assert out["AP50"]["base"] == pytest.approx(expected)
+    assert out["AP50"]["novel"] == 0.0
+    assert out["AP50"]["all"] == pytest.approx(expected / 3)  # categories 2 and 3 score 0
+
+
+def test_low_iou_detection_is_not_a_hit() -> None:
+    # IoU of [10,10,20,20] with [20,10,20,20] is 200 / 600 = 1/3 < 0.5
+    out = coco_ap_by_split(GT, [_det(1, 3, [40, 50, 20, 20], 0.9)], {"novel": [3]})
+    assert out["AP50"]["novel"] == 0.0
+
+
+def test_empty_results_give_zeros() -> None:
+    out = coco_ap_by_split(GT, [], SPLITS)
+    assert out["AP50"] == {"base": 0.0, "novel": 0.0, "empty": None, "all": 0.0}
+    assert all(v == 0.0 for v in out["coco"].values())
+    assert out["num_detections"] == 0
+
+
+def test_unknown_image_id_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="image_id 7 is not in the ground truth"):
+        coco_ap_by_split(GT, [_det(7, 1, [0, 0, 5, 5], 0.5)], SPLITS)
+
+
+def test_results_are_not_mutated() -> None:
+    dets = _perfect()
+    before = json.dumps(dets)
+    coco_ap_by_split(GT, dets, SPLITS)
+    assert json.dumps(dets) == before
+
+
+# --------------------------------------------------------------------------------------------
+# Region recognition, vocabularies, zero-shot detection (tiny random models)
+# --------------------------------------------------------------------------------------------
+
+# Each category has exactly one box, so embedding a category as its own box's region embedding
+# must classify every box correctly (cosine 1 with itself, < 1 with the other boxes).
+TINY_CATS = [
+    {"id": 10, "name": "red square", "split": "base"},
+    {"id": 20, "name": "green bar", "split": "base"},
+    {"id": 30, "name": "blue blob", "split": "novel"},
+]
+TINY_IMAGES = {
+    "p.png": [(4, 6, 24, 20, 10), (36, 30, 22, 26, 30)],
+    "q.png": [(20, 12, 30, 18, 20)],
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_tiny_set(root: Path) -> Path:
+    """Two 64x64 PNGs with coloured rectangles and their COCO json; returns the json path."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    coco = {"images": [], "annotations": [], "categories": TINY_CATS}
+    colours = {10: (220, 30, 30), 20: (30, 200, 40), 30: (40, 60, 230)}
+    for i, (name, objects) in enumerate(TINY_IMAGES.items(), 1):
+        image = Image.fromarray(rng.integers(100, 160, size=(64, 64, 3), dtype=np.uint8))
+        draw = ImageDraw.Draw(image)
+        for x, y, w, h, cat in objects:
+            draw.rectangle([x, y, x + w - 1, y + h - 1], fill=colours[cat])
+            coco["annotations"].append(
+                {"id": len(coco["annotations"]) + 1, "image_id": i, "category_id": cat, "bbox": [x, y, w, h]}
+            )
+        image.save(root / "images" / name)
+        coco["images"].append({"id": i, "file_name": name, "width": 64, "height": 64})
+    path = root / "val.json"
+    path.write_text(json.dumps(coco))
+    return path
+
+
+def tiny_rpn_dir(root: Path) -> Path:
+    """A random (untrained) ResNet-18 FPN RPN for 64 px images, saved with save_rpn."""
+    overrides = {
+        "output_dir": str(root),
+        "rpn.backbone": "resnet18",
+        "rpn.norm": "bn",
+        "rpn.fpn_channels": 16,
+        "rpn.fpn_levels": "[2,3,4]",
+        "rpn.anchor_sizes": "[8,16,32,64]",
+        "rpn.min_size": 64,
+        "rpn.max_size": 64,
+        "rpn.pre_nms_top_n_test": 100,
+        "rpn.post_nms_top_n_test": 20,
+    }
+    cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()]).rpn
+    torch.manual_seed(0)
+    save_rpn(build_proposal_network(cfg).eval(), cfg, root / "rpn")
+    return root / "rpn"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_clip):
+    name, config = tiny_clip
+    torch.manual_seed(0)
+    return load_clip(ClipModelConfig(model=name, model_config=config))
+
+
+def _gt_region_embeddings(model, json_path: Path) -> torch.Tensor:
+    """The region embedding of each category's single GT box, rows in category order."""
+    data = load_eval_set(json_path, json_path.parent / "images")
+    rows = {}
+    with torch.no_grad():
+        for im in data.images:
+            (emb,) = encode_regions(model.model, [Image.open(im.path)], [im.boxes], 64, 64)
+            for label, e in zip(im.labels.tolist(), emb, strict=True):
+                rows[label] = e
+    return torch.stack([rows[i] for i in range(len(TINY_CATS))])
+
+
+def test_region_accuracy_with_the_boxes_own_embeddings(tmp_path: Path, tiny_model) -> None:
+    json_path = write_tiny_set(tmp_path)
+    emb = _gt_region_embeddings(tiny_model, json_path)
+    acc = region_accuracy(tiny_model, json_path, tmp_path / "images", emb, None, 64, 64, batch_size=1)
+    assert acc["all"] == {"top1": 1.0, "top5": 1.0, "n": 3}
+    assert acc["base"] == {"top1": 1.0, "top5": 1.0, "n": 2}
+    assert acc["novel"] == {"top1": 1.0, "top5": 1.0, "n": 1}
+    # Swap the two base classes: both base boxes are now wrong, the novel one still right.
+    swapped = emb[[1, 0, 2]]
+    acc = region_accuracy(tiny_model, json_path, tmp_path / "images", swapped, None, 64, 64, batch_size=2)
+    assert acc["base"]["top1"] == 0.0
+    assert acc["novel"]["top1"] == 1.0
+    assert acc["all"]["top1"] == pytest.approx(1 / 3)
+    assert acc["all"]["top5"] == 1.0  # 3 classes: every label is within the top 5
+
+
+def test_vocabulary_errors_name_the_problem(tmp_path: Path, tiny_model) -> None:
+    json_path = write_tiny_set(tmp_path)
+    root = tmp_path / "images"
+    with pytest.raises(ValueError, match=r"dimension 32 but the model embeds to 64"):
+        region_accuracy(tiny_model, json_path, root, torch.randn(3, 32), None, 64, 64)
+    with pytest.raises(ValueError, match=r"2 class embeddings but .*val\.json has 3 categories"):
+        region_accuracy(tiny_model, json_path, root, torch.randn(2, 64), None, 64, 64)
+    (root / "q.png").unlink()
+    with pytest.raises(ValueError, match=r"val\.json: 1 of 2 image files are missing .*'q\.png'"):
+        load_eval_set(json_path, root)
+
+
+def test_splits_from_names_when_json_has_none() -> None:
+    cats = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 3, "name": "c"}]
+    assert category_splits(cats, ["c"]) == {"base": [1, 2], "novel": [3]}
+    assert category_splits(cats) == {}
+    assert category_splits(TINY_CATS) == {"base": [10, 20], "novel": [30]}
+    with pytest.raises(ValueError, match="'zebra'"):
+        category_splits(cats, ["zebra"])
+
+
+def test_class_embeddings_are_cached_per_vocabulary(tmp_path: Path, tiny_model) -> None:
+    first = class_embeddings_for(tiny_model, ["cat", "dog"], "single", tmp_path)
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert len(files) == 1 and first.shape == (2, 64)
+    cached, names, meta = load_embeddings(files[0])
+    assert names == ["cat", "dog"] and meta["template_set"] == "single"
+    assert torch.equal(class_embeddings_for(tiny_model, ["cat", "dog"], "single", tmp_path), first)
+    other = class_embeddings_for(tiny_model, ["dog", "cat"], "single", tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    assert torch.allclose(other, first[[1, 0]], atol=1e-5)
+
+
+def test_detections_from_regions_by_hand() -> None:
+    e = torch.eye(2)
+    boxes = torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 10, 9]])
+    regions = torch.stack([e[0], 3 * e[1], e[0]])  # the third box overlaps the first (IoU 0.9)
+    objectness = torch.tensor([0.25, 0.64, 0.16])
+    p = DetectionParams(score_thresh=0.3, multiply_rpn_score=True)
+    b, s, lab = detections_from_regions(boxes, regions, e, objectness, p)
+    # probability ~1 for the matching class (the other gets e^-100); sqrt(1 * objectness)
+    assert lab.tolist() == [1, 0]
+    assert s.tolist() == pytest.approx([0.8, 0.5])
+    assert torch.equal(b, boxes[[1, 0]])  # the third box lost the per-class NMS to the first
+    # Temperature 1, no objectness: softmax([1, 0]) = [e/(e+1), 1/(e+1)] = [0.731, 0.269]
+    p = DetectionParams(temperature=1.0, score_thresh=0.2, nms_thresh=0.5, multiply_rpn_score=False)
+    b, s, lab = detections_from_regions(boxes[:1], regions[:1], e, None, p)
+    assert lab.tolist() == [0, 1]
+    assert s.tolist() == pytest.approx([math.e / (math.e + 1), 1 / (math.e + 1)])
+    p = DetectionParams(temperature=1.0, score_thresh=0.2, max_dets=1, multiply_rpn_score=False)
+    assert len(detections_from_regions(boxes[:1], regions[:1], e, None, p)[0]) == 1
+
+
+def test_zero_shot_detection_and_eval_pipeline(tmp_path: Path, tiny_model, tiny_clip) -> None:
+    json_path = write_tiny_set(tmp_path)
+    rpn_dir = tiny_rpn_dir(tmp_path)
+    emb = _gt_region_embeddings(tiny_model, json_path)
+    params = DetectionParams(rpn_post_nms_top_n=10, short_side=64, max_side=64)
+    ap, results = zero_shot_detection(
+        tiny_model, load_rpn(rpn_dir), json_path, tmp_path / "images", emb, None, params, batch_size=2
+    )
+    assert set(ap["AP50"]) == {"base", "novel", "all"}
+    assert 0 < len(results) <= 2 * params.max_dets
+    assert {r["image_id"] for r in results} <= {1, 2}
+    assert {r["category_id"] for r in results} <= {10, 20, 30}
+    assert all(0 < r["score"] <= 1 and len(r["bbox"]) == 4 for r in results)
+
+    name, config = tiny_clip
+    out = tmp_path / "eval"
+    code = eval_pipeline.main(
+        [
+            f"output_dir={tmp_path}",
+            "device=cpu",
+            f"eval.model.model={name}",
+            f"eval.model.model_config={config}",
+            f"eval.json={json_path}",
+            f"eval.image_root={tmp_path / 'images'}",
+            f"eval.rpn={rpn_dir}",
+            f"eval.out_dir={out}",
+            "eval.templates=single",
+            "eval.rpn_topk=10",
+            "eval.short_side=64",
+            "eval.max_side=64",
+            "eval.tag=tiny",
+        ]
+    )
+    assert code == 0
+    report = json.loads((out / "tiny.json").read_text())
+    assert report["tag"] == "tiny" and report["images"] == 2
+    assert report["region_accuracy"]["all"]["n"] == 3
+    assert report["region_accuracy"]["novel"]["n"] == 1
+    assert set(report["zero_shot_detection"]["AP50"]) == {"base", "novel", "all"}
+    assert len(report["zero_shot_detection"]["coco"]) == 12
+    assert isinstance(json.loads((out / "tiny.detections.json").read_text()), list)
+    assert len(list((tmp_path / "eval" / "cache").glob("*.safetensors"))) == 1
+
+
+def test_eval_pipeline_reports_bad_embeddings_file(tmp_path: Path, tiny_model, tiny_clip, capsys) -> None:
+    json_path = write_tiny_set(tmp_path)
+    bad = tmp_path / "emb.safetensors"
+    save_embeddings(bad, torch.randn(3, 16), [c["name"] for c in TINY_CATS], {})
+    name, config = tiny_clip
+    code = eval_pipeline.main(
+        [
+            f"output_dir={tmp_path}",
+            "device=cpu",
+            f"eval.model.model={name}",
+            f"eval.model.model_config={config}",
+            f"eval.json={json_path}",
+            f"eval.image_root={tmp_path / 'images'}",
+            f"eval.class_embeddings={bad}",
+            "eval.rpn=",
+        ]
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert str(bad) in err and "dimension 16" in err and "64" in err
