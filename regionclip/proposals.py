@@ -50,6 +50,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
+from regionclip.checkpoint import load_checkpoint, save_checkpoint
 from regionclip.config import RPNConfig, section_hash, to_dict
 from regionclip.data.shards import ERROR_FIELD, SampleErrors
 from regionclip.utils import atomic_output, atomic_write_json
@@ -58,7 +59,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = "regionclip.rpn"
 FORMAT_VERSION = 1
-CHECKPOINT_FORMAT = "regionclip.rpn-checkpoint"
 WEIGHTS_FILE = "rpn.safetensors"
 CONFIG_FILE = "rpn.json"
 SUMMARY_FILE = "summary.json"
@@ -646,66 +646,6 @@ def _resume_hash(cfg: RPNConfig) -> str:
     )
 
 
-def _save_checkpoint(
-    ckpt_dir: Path,
-    model: nn.Module,
-    optimizer: torch.optim.SGD,
-    step: int,
-    cfg: RPNConfig,
-    progress: dict[str, Any],
-) -> None:
-    """``step-NNNNNNNN.safetensors`` (weights, momentum buffers, RNG states) + ``latest.json``."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    for p, state in optimizer.state.items():
-        if state.get("momentum_buffer") is not None:
-            tensors[f"momentum.{names[id(p)]}"] = state["momentum_buffer"].detach().cpu().contiguous()
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    name = f"step-{step:08d}.safetensors"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_output(ckpt_dir / name) as tmp:
-        safetensors.torch.save_file(tensors, str(tmp))
-    atomic_write_json(
-        ckpt_dir / "latest.json",
-        {"format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION, "step": step, "file": name,
-         "resume_hash": _resume_hash(cfg), **progress},
-    )  # fmt: skip
-    for old in ckpt_dir.glob("step-*.safetensors"):
-        if old.name != name:
-            old.unlink()
-
-
-def _load_checkpoint(
-    ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.SGD, cfg: RPNConfig
-) -> tuple[int, dict[str, Any]]:
-    """Restore the latest checkpoint; returns ``(step, progress)`` or ``(0, {})`` without one."""
-    latest = ckpt_dir / "latest.json"
-    if not latest.is_file():
-        return 0, {}
-    try:
-        meta = json.loads(latest.read_text(encoding="utf-8"))
-        tensors = safetensors.torch.load_file(str(ckpt_dir / meta["file"]))
-    except Exception as e:  # any unreadable checkpoint: say which and how to recover
-        raise ProposalError(f"cannot resume from {latest}: {e}; delete {ckpt_dir} to start over") from e
-    if meta.get("format") != CHECKPOINT_FORMAT or meta.get("resume_hash") != _resume_hash(cfg):
-        raise ProposalError(
-            f"checkpoint {latest} was written with a different rpn config; "
-            f"restore that config or delete {ckpt_dir} to start over"
-        )
-    device = next(model.parameters()).device
-    model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
-    params = dict(model.named_parameters())
-    for key, value in tensors.items():
-        if key.startswith("momentum."):
-            optimizer.state[params[key[len("momentum.") :]]]["momentum_buffer"] = value.to(device)
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and device.type == "cuda":
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return int(meta["step"]), {k: meta[k] for k in ("images", "seconds", "skipped") if k in meta}
-
-
 def _log_skips(errors: SampleErrors, source: str | Path) -> None:
     """One line of counts by reason, then the first few offending files of each real error."""
     if errors.counts:
@@ -756,7 +696,9 @@ def train_rpn(
     model = build_proposal_network(cfg).to(device)
     optimizer = _make_optimizer(model, cfg)
     ckpt_dir = out / CHECKPOINT_DIR
-    start, progress = _load_checkpoint(ckpt_dir, model, optimizer, cfg)
+    start, progress = load_checkpoint(
+        ckpt_dir, model, optimizer, _resume_hash(cfg), "rpn config", ProposalError
+    )
     stop = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     skipped = SampleErrors()
     skipped.counts.update(progress.get("skipped", {}))
@@ -808,7 +750,7 @@ def train_rpn(
         step += 1
         if step < stop and cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0:
             elapsed = seconds + time.perf_counter() - t0
-            _save_checkpoint(ckpt_dir, model, optimizer, step, cfg,
+            save_checkpoint(ckpt_dir, model, optimizer, step, _resume_hash(cfg),
                              {"images": images_seen, "seconds": elapsed, "skipped": dict(skipped.counts)})  # fmt: skip
     bar.close()
     seconds += time.perf_counter() - t0
@@ -827,7 +769,7 @@ def train_rpn(
     }
     losses_text = ", ".join(f"{k} {v:.3f}" for k, v in final_losses.items())
     if step < cfg.steps:
-        _save_checkpoint(ckpt_dir, model, optimizer, step, cfg,
+        save_checkpoint(ckpt_dir, model, optimizer, step, _resume_hash(cfg),
                          {"images": images_seen, "seconds": seconds, "skipped": dict(skipped.counts)})  # fmt: skip
         log.info(
             "rpn: stopped at step %d of %d (checkpoint in %s); %s", step, cfg.steps, ckpt_dir, losses_text

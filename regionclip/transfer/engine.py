@@ -40,10 +40,11 @@ import numpy as np
 import safetensors.torch
 import torch
 from PIL import Image
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from regionclip.checkpoint import load_checkpoint, save_checkpoint
 from regionclip.config import TransferConfig, section_hash, to_dict
 from regionclip.data.shards import ERROR_FIELD, SampleErrors
 from regionclip.evaluation import coco_ap_by_split
@@ -288,60 +289,6 @@ def _resume_hash(cfg: TransferConfig, run_inputs: str) -> str:
     return hashlib.sha256(f"{section_hash(trajectory)}|{run_inputs}".encode()).hexdigest()[:16]
 
 
-def _save_checkpoint(
-    ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.SGD, step: int, resume_hash: str, progress: dict
-) -> None:
-    names = {id(p): n for n, p in model.named_parameters()}
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    for p, state in optimizer.state.items():
-        if state.get("momentum_buffer") is not None:
-            tensors[f"momentum.{names[id(p)]}"] = state["momentum_buffer"].detach().cpu().contiguous()
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    name = f"step-{step:08d}.safetensors"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_output(ckpt_dir / name) as tmp:
-        safetensors.torch.save_file(tensors, str(tmp))
-    atomic_write_json(
-        ckpt_dir / "latest.json",
-        {"format": f"{FORMAT}-checkpoint", "version": FORMAT_VERSION, "step": step, "file": name,
-         "resume_hash": resume_hash, **progress},
-    )  # fmt: skip
-    for old in ckpt_dir.glob("step-*.safetensors"):
-        if old.name != name:
-            old.unlink()
-
-
-def _load_checkpoint(
-    ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.SGD, resume_hash: str
-) -> tuple[int, dict[str, Any]]:
-    """Restore the latest checkpoint; ``(step, progress)``, or ``(0, {})`` without one."""
-    latest = ckpt_dir / "latest.json"
-    if not latest.is_file():
-        return 0, {}
-    try:
-        meta = json.loads(latest.read_text(encoding="utf-8"))
-        tensors = safetensors.torch.load_file(str(ckpt_dir / meta["file"]))
-    except Exception as e:  # any unreadable checkpoint: say which and how to recover
-        raise TransferError(f"cannot resume from {latest}: {e}; delete {ckpt_dir} to start over") from e
-    if meta.get("resume_hash") != resume_hash:
-        raise TransferError(
-            f"checkpoint {latest} was written with another transfer config, init model or RPN; "
-            f"restore those or delete {ckpt_dir} to start over"
-        )
-    device = next(model.parameters()).device
-    model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
-    params = dict(model.named_parameters())
-    for key, value in tensors.items():
-        if key.startswith("momentum."):
-            optimizer.state[params[key[len("momentum.") :]]]["momentum_buffer"] = value.to(device)
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and device.type == "cuda":
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return int(meta["step"]), {k: meta[k] for k in ("images", "seconds", "skipped") if k in meta}
-
-
 def train_detector(
     model: OpenVocabFasterRCNN,
     rpn: ProposalFn | None,
@@ -360,7 +307,9 @@ def train_detector(
     ckpt_dir = Path(cfg.out_dir) / CHECKPOINT_DIR
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    start, progress = _load_checkpoint(ckpt_dir, model, optimizer, resume_hash)
+    start, progress = load_checkpoint(
+        ckpt_dir, model, optimizer, resume_hash, "transfer config, init model or RPN", TransferError
+    )
     stop = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     skipped = SampleErrors()
     skipped.counts.update(progress.get("skipped", {}))
@@ -413,7 +362,7 @@ def train_detector(
             )
         step += 1
         if step < stop and cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0:
-            _save_checkpoint(ckpt_dir, model, optimizer, step, resume_hash,
+            save_checkpoint(ckpt_dir, model, optimizer, step, resume_hash,
                              {"images": seen, "seconds": seconds + time.perf_counter() - t0,
                               "skipped": dict(skipped.counts)})  # fmt: skip
     bar.close()
@@ -431,7 +380,7 @@ def train_detector(
         "skipped": dict(skipped.counts),
     }
     if step < cfg.steps:
-        _save_checkpoint(ckpt_dir, model, optimizer, step, resume_hash,
+        save_checkpoint(ckpt_dir, model, optimizer, step, resume_hash,
                          {"images": seen, "seconds": seconds, "skipped": dict(skipped.counts)})  # fmt: skip
     for line in skipped.report_lines()[1:] if skipped.counts else []:
         log.info("transfer: %s", line)
