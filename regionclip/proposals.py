@@ -50,9 +50,9 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
-from regionclip.checkpoint import load_checkpoint, save_checkpoint
 from regionclip.config import RPNConfig, section_hash, to_dict
 from regionclip.data.shards import ERROR_FIELD, SampleErrors
+from regionclip.sgd import load_checkpoint, optimizer_step, save_checkpoint, update_running
 from regionclip.utils import atomic_output, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -732,21 +732,9 @@ def train_rpn(
             targets = [{"boxes": s["boxes"].to(device)} for s in good]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                 _, _, losses = model(images, targets)
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"rpn step {step}: non-finite loss { ({k: float(v) for k, v in losses.items()}) }; lower rpn.lr"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            optimizer_step(losses, optimizer, f"rpn step {step}", "rpn.lr")
             images_seen += len(good)
-            for k, v in losses.items():
-                recent.setdefault(k, []).append(v.item())
-                recent[k] = recent[k][-20:]
-            bar.set_postfix(
-                {k.removeprefix("loss_"): f"{np.mean(v):.3f}" for k, v in recent.items()}, refresh=False
-            )
+            bar.set_postfix(update_running(recent, losses), refresh=False)
         step += 1
         if step < stop and cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0:
             elapsed = seconds + time.perf_counter() - t0

@@ -44,7 +44,6 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from regionclip.checkpoint import load_checkpoint, save_checkpoint
 from regionclip.config import TransferConfig, section_hash, to_dict
 from regionclip.data.shards import ERROR_FIELD, SampleErrors
 from regionclip.evaluation import coco_ap_by_split
@@ -66,6 +65,7 @@ from regionclip.proposals import (
     load_box_json,
     load_rpn,
 )
+from regionclip.sgd import load_checkpoint, optimizer_step, save_checkpoint, update_running
 from regionclip.text import embed_class_names, embedding_metadata, load_embeddings, save_embeddings
 from regionclip.transfer.torchvision_rcnn import OpenVocabFasterRCNN, build_detector
 from regionclip.utils import atomic_output, atomic_write_json, sha256_file
@@ -345,21 +345,9 @@ def train_detector(
             targets = [{"boxes": s["boxes"].to(device), "labels": s["labels"].to(device)} for s in good]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 losses = model(tensor.to(device), sizes, proposals, targets)
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"transfer step {step}: non-finite loss { ({k: float(v) for k, v in losses.items()}) }; lower transfer.lr"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            optimizer_step(losses, optimizer, f"transfer step {step}", "transfer.lr")
             seen += len(good)
-            for k, v in losses.items():
-                recent.setdefault(k, []).append(v.item())
-                recent[k] = recent[k][-20:]
-            bar.set_postfix(
-                {k.removeprefix("loss_"): f"{np.mean(v):.3f}" for k, v in recent.items()}, refresh=False
-            )
+            bar.set_postfix(update_running(recent, losses), refresh=False)
         step += 1
         if step < stop and cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0:
             save_checkpoint(ckpt_dir, model, optimizer, step, resume_hash,

@@ -1,4 +1,5 @@
-"""Resumable training state for the small SGD loops (RPN, detector transfer) — no pickle.
+"""Pieces shared by the small SGD loops (RPN, detector transfer): one optimizer step, running
+loss means for the progress bar, and resumable training state without pickle.
 
 A checkpoint folder holds ``step-NNNNNNNN.safetensors`` (model weights, SGD momentum buffers, RNG
 states) and ``latest.json`` (step, file, a ``resume_hash`` of the settings that shape the training
@@ -11,15 +12,38 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import safetensors.torch
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from regionclip.utils import atomic_output, atomic_write_json
 
 FORMAT = "regionclip.sgd-checkpoint"
 FORMAT_VERSION = 1
 PROGRESS_KEYS = ("images", "seconds", "skipped")
+RUNNING_WINDOW = 20  # steps averaged in the progress-bar losses
+
+
+def optimizer_step(
+    losses: dict[str, Tensor], optimizer: torch.optim.Optimizer, where: str, lr_key: str
+) -> None:
+    """Backward + step on the summed ``losses``; a non-finite total stops the run naming ``where``."""
+    loss = sum(losses.values())
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"{where}: non-finite loss { ({k: float(v) for k, v in losses.items()}) }; lower {lr_key}"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def update_running(recent: dict[str, list[float]], losses: dict[str, Tensor]) -> dict[str, str]:
+    """Append this step's losses to ``recent`` (last RUNNING_WINDOW kept); the progress-bar postfix."""
+    for k, v in losses.items():
+        recent[k] = (recent.get(k, []) + [v.item()])[-RUNNING_WINDOW:]
+    return {k.removeprefix("loss_"): f"{np.mean(v):.3f}" for k, v in recent.items()}
 
 
 def save_checkpoint(
