@@ -7,6 +7,7 @@ from pathlib import Path
 
 import open_clip
 import pytest
+import torch
 
 TINY_TEXT_CFG = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
 # ModifiedResNet (CLIP RN50 layout) at toy size: 64 px input, attnpool grid 2x2.
@@ -43,3 +44,22 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 def tiny_vit_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """``(model_name, config_path)`` of a tiny ViT CLIP (patch 16 → 4x4 tokens at 64 px)."""
     return _register(tmp_path_factory.mktemp("tiny_vit_clip"), "ViT-tiny-test", TINY_VIT_CFG)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One thread: fastest at toy size, and the numerics of a torchrun worker (OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; reset them so each test builds its own Accelerator."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

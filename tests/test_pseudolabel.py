@@ -30,22 +30,7 @@ CONCEPTS = ["dog", "cat", "red umbrella", "umbrella", "tree", "car"]
 SIZES = [(64, 48), (48, 64), (64, 64), (56, 40)]  # (w, h), cycled over samples
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Toy-sized convolutions run fastest on one thread (and match a torchrun worker's numerics)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_accelerate_state")
 
 
 # --------------------------------------------------------------------------------------------

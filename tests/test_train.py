@@ -32,22 +32,7 @@ CONCEPTS = ["dog", "cat", "red umbrella", "umbrella", "tree", "car"]
 N_SHARDS, PER_SHARD = 4, 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: fastest at toy size, and the numerics of a torchrun worker (OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_accelerate_state")
 
 
 def _key(shard: int, i: int) -> str:
