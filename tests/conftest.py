@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random open_clip architectures (no downloads, milliseconds per call)."""
+"""Shared fixtures: tiny random open_clip architectures and a tiny random RPN (no downloads)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+
+from regionclip.config import load_config
+from regionclip.proposals import build_proposal_network, save_rpn
 
 TINY_TEXT_CFG = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
 # ModifiedResNet (CLIP RN50 layout) at toy size: 64 px input, attnpool grid 2x2.
@@ -63,3 +66,25 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def tiny_rpn_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random ResNet-18 FPN RPN for 64 px images, saved as `make rpn` would."""
+    root = tmp_path_factory.mktemp("rpn")
+    overrides = {
+        "output_dir": str(root),
+        "rpn.backbone": "resnet18",
+        "rpn.norm": "bn",
+        "rpn.fpn_channels": 16,
+        "rpn.fpn_levels": "[2,3,4]",
+        "rpn.anchor_sizes": "[8,16,32,64]",
+        "rpn.min_size": 64,
+        "rpn.max_size": 64,
+        "rpn.pre_nms_top_n_test": 100,
+        "rpn.post_nms_top_n_test": 20,
+    }
+    cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()]).rpn
+    torch.manual_seed(0)
+    save_rpn(build_proposal_network(cfg).eval(), cfg, root / "rpn")
+    return root / "rpn"

@@ -11,8 +11,6 @@ import torch
 from PIL import Image
 
 from pipelines import detect as detect_cli
-from regionclip.config import load_config
-from regionclip.proposals import build_proposal_network, save_rpn
 
 
 @pytest.fixture(autouse=True)
@@ -21,28 +19,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def rpn_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random ResNet-18 FPN RPN for 64 px images, saved as `make rpn` would."""
-    root = tmp_path_factory.mktemp("rpn")
-    overrides = {
-        "output_dir": str(root),
-        "rpn.backbone": "resnet18",
-        "rpn.norm": "bn",
-        "rpn.fpn_channels": 16,
-        "rpn.fpn_levels": "[2,3,4]",
-        "rpn.anchor_sizes": "[8,16,32,64]",
-        "rpn.min_size": 64,
-        "rpn.max_size": 64,
-        "rpn.pre_nms_top_n_test": 100,
-        "rpn.post_nms_top_n_test": 20,
-    }
-    cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()]).rpn
-    torch.manual_seed(0)
-    save_rpn(build_proposal_network(cfg).eval(), cfg, root / "rpn")
-    return root / "rpn"
 
 
 @pytest.fixture
@@ -55,7 +31,7 @@ def images(tmp_path: Path) -> list[Path]:
     return paths
 
 
-def _args(tiny_clip, rpn_dir: Path, out: Path, *extra: str) -> list[str]:
+def _args(tiny_clip, tiny_rpn_dir: Path, out: Path, *extra: str) -> list[str]:
     name, config = tiny_clip
     return [
         "--model",
@@ -63,7 +39,7 @@ def _args(tiny_clip, rpn_dir: Path, out: Path, *extra: str) -> list[str]:
         "--model-config",
         config,
         "--rpn",
-        str(rpn_dir),
+        str(tiny_rpn_dir),
         "--out",
         str(out),
         "--short-side",
@@ -80,14 +56,14 @@ def _args(tiny_clip, rpn_dir: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def test_detect_writes_json_and_pngs(tmp_path, tiny_clip, rpn_dir, images, caplog) -> None:
+def test_detect_writes_json_and_pngs(tmp_path, tiny_clip, tiny_rpn_dir, images, caplog) -> None:
     out = tmp_path / "out"
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image")
     code = detect_cli.main(
         _args(
             tiny_clip,
-            rpn_dir,
+            tiny_rpn_dir,
             out,
             "--prompt",
             "cat.. dog. cat.",
@@ -116,29 +92,29 @@ def test_detect_writes_json_and_pngs(tmp_path, tiny_clip, rpn_dir, images, caplo
     assert sorted(p.name for p in out.glob("*.png")) == ["one.png", "two.png"]
 
 
-def test_detect_vocab_file(tmp_path, tiny_clip, rpn_dir, images) -> None:
+def test_detect_vocab_file(tmp_path, tiny_clip, tiny_rpn_dir, images) -> None:
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("red umbrella\n\nbicycle\n")
     out = tmp_path / "out"
-    assert detect_cli.main(_args(tiny_clip, rpn_dir, out, "--vocab", str(vocab), str(images[0]))) == 0
+    assert detect_cli.main(_args(tiny_clip, tiny_rpn_dir, out, "--vocab", str(vocab), str(images[0]))) == 0
     report = json.loads((out / "detections.json").read_text())
     assert [c["name"] for c in report["categories"]] == ["red umbrella", "bicycle"]
 
 
 @pytest.mark.parametrize("prompt", ["", "...", " . . "])
-def test_empty_prompt_is_a_usage_error(tmp_path, tiny_clip, rpn_dir, images, prompt, capsys) -> None:
+def test_empty_prompt_is_a_usage_error(tmp_path, tiny_clip, tiny_rpn_dir, images, prompt, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
-        detect_cli.main(_args(tiny_clip, rpn_dir, tmp_path / "out", "--prompt", prompt, str(images[0])))
+        detect_cli.main(_args(tiny_clip, tiny_rpn_dir, tmp_path / "out", "--prompt", prompt, str(images[0])))
     assert exc.value.code == 2
     assert "has no class names" in capsys.readouterr().err
 
 
-def test_no_readable_image_exits_1(tmp_path, tiny_clip, rpn_dir, capsys) -> None:
+def test_no_readable_image_exits_1(tmp_path, tiny_clip, tiny_rpn_dir, capsys) -> None:
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG garbage")
     missing = tmp_path / "missing.jpg"
     code = detect_cli.main(
-        _args(tiny_clip, rpn_dir, tmp_path / "out", "--prompt", "cat.", str(bad), str(missing))
+        _args(tiny_clip, tiny_rpn_dir, tmp_path / "out", "--prompt", "cat.", str(bad), str(missing))
     )
     assert code == 1
     assert "none of the 2 images could be read" in capsys.readouterr().err

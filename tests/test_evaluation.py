@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from pipelines import eval as eval_pipeline
-from regionclip.config import ClipModelConfig, load_config
+from regionclip.config import ClipModelConfig
 from regionclip.evaluation import (
     COCO_STAT_NAMES,
     DetectionParams,
@@ -26,7 +26,7 @@ from regionclip.evaluation import (
 )
 from regionclip.models.loading import load_clip
 from regionclip.models.region import encode_regions
-from regionclip.proposals import build_proposal_network, load_rpn, save_rpn
+from regionclip.proposals import load_rpn
 from regionclip.text import load_embeddings, save_embeddings
 
 # Two 100x100 images. Categories 1, 2 are base, 3 novel, 4 has no box anywhere.
@@ -167,26 +167,6 @@ def write_tiny_set(root: Path) -> Path:
     return path
 
 
-def tiny_rpn_dir(root: Path) -> Path:
-    """A random (untrained) ResNet-18 FPN RPN for 64 px images, saved with save_rpn."""
-    overrides = {
-        "output_dir": str(root),
-        "rpn.backbone": "resnet18",
-        "rpn.norm": "bn",
-        "rpn.fpn_channels": 16,
-        "rpn.fpn_levels": "[2,3,4]",
-        "rpn.anchor_sizes": "[8,16,32,64]",
-        "rpn.min_size": 64,
-        "rpn.max_size": 64,
-        "rpn.pre_nms_top_n_test": 100,
-        "rpn.post_nms_top_n_test": 20,
-    }
-    cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()]).rpn
-    torch.manual_seed(0)
-    save_rpn(build_proposal_network(cfg).eval(), cfg, root / "rpn")
-    return root / "rpn"
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tiny_clip):
     name, config = tiny_clip
@@ -275,9 +255,9 @@ def test_detections_from_regions_by_hand() -> None:
     assert len(detections_from_regions(boxes[:1], regions[:1], e, None, p)[0]) == 1
 
 
-def test_zero_shot_detection_and_eval_pipeline(tmp_path: Path, tiny_model, tiny_clip) -> None:
+def test_zero_shot_detection_and_eval_pipeline(tmp_path: Path, tiny_model, tiny_clip, tiny_rpn_dir) -> None:
     json_path = write_tiny_set(tmp_path)
-    rpn_dir = tiny_rpn_dir(tmp_path)
+    rpn_dir = tiny_rpn_dir
     emb = _gt_region_embeddings(tiny_model, json_path)
     params = DetectionParams(rpn_post_nms_top_n=10, short_side=64, max_side=64)
     ap, results = zero_shot_detection(
