@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from regionclip.cli import config_from_argv
+from regionclip.cli import config_from_argv, device_from_config
 from regionclip.config import ClipModelConfig, to_dict
 from regionclip.data.shards import SampleErrors
 from regionclip.evaluation import (
@@ -34,7 +34,7 @@ from regionclip.evaluation import (
 from regionclip.models.loading import load_clip
 from regionclip.proposals import load_rpn
 from regionclip.text import load_embeddings
-from regionclip.utils import atomic_write_json, resolve_device
+from regionclip.utils import atomic_write_json
 
 
 def default_tag(model: ClipModelConfig) -> str:
@@ -57,11 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ev = cfg.eval
     tag = ev.tag or default_tag(ev.model)
-    try:
-        device = resolve_device(cfg.device)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    device = device_from_config(cfg.device)
     start = time.perf_counter()
     errors = SampleErrors()
     try:

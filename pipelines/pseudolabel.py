@@ -19,9 +19,8 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from regionclip.cli import config_from_argv
+from regionclip.cli import config_from_argv, device_from_config
 from regionclip.pseudolabel import assign_shards, build_labeler, merge_stats, plan_outputs, run_shards
-from regionclip.utils import resolve_device
 
 
 def summary_line(total: dict, seconds: float, world: int, out_dir: str) -> str:
@@ -41,11 +40,7 @@ def summary_line(total: dict, seconds: float, world: int, out_dir: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, _ = config_from_argv(argv, "Pseudo-label image-text shards with teacher region concepts.")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        device = resolve_device(cfg.device)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    device = device_from_config(cfg.device)
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 

@@ -16,9 +16,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from regionclip.cli import config_from_argv
+from regionclip.cli import config_from_argv, device_from_config
 from regionclip.proposals import ProposalError, load_precomputed_proposals, train_rpn
-from regionclip.utils import resolve_device
 
 
 def _flags(parser: argparse.ArgumentParser) -> None:
@@ -35,11 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv, "Train the class-agnostic region proposal network.", extra_flags=_flags
     )
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        device = resolve_device(cfg.device)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    device = device_from_config(cfg.device)
     try:
         if cfg.rpn.precomputed:
             table = load_precomputed_proposals(cfg.rpn.precomputed)

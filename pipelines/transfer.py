@@ -16,10 +16,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from regionclip.cli import config_from_argv
+from regionclip.cli import config_from_argv, device_from_config
 from regionclip.proposals import ProposalError
 from regionclip.transfer.engine import TransferError, run_transfer
-from regionclip.utils import resolve_device
 
 
 def _flags(parser: argparse.ArgumentParser) -> None:
@@ -38,11 +37,7 @@ def _fmt(value: float | None) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, args = config_from_argv(argv, "Train and evaluate the open-vocabulary detector.", extra_flags=_flags)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        device = resolve_device(cfg.device)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    device = device_from_config(cfg.device)
     try:
         summary = run_transfer(cfg.transfer, device, stop_after=args.stop_after)
     except (TransferError, ProposalError) as e:

@@ -17,7 +17,10 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+import torch
+
 from regionclip.config import ConfigError, ExperimentConfig, load_config
+from regionclip.utils import resolve_device
 
 
 def config_from_argv(
@@ -45,3 +48,12 @@ def config_from_argv(
     except ConfigError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     return cfg, args
+
+
+def device_from_config(name: str) -> torch.device:
+    """``resolve_device`` for entry points: a bad or unavailable device is a usage error (exit status 2)."""
+    try:
+        return resolve_device(name)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
