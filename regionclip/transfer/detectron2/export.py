@@ -1,0 +1,141 @@
+"""Write a CLIP ResNet (student, teacher or any open_clip checkpoint) as a Detectron2 checkpoint.
+
+The file is a plain ``{"model": {name: tensor}, "regionclip": {...strings}}`` saved with
+``torch.save``: Detectron2's ``DetectionCheckpointer`` reads ``.pth`` files with ``torch.load``
+and this one loads with ``weights_only=True`` (nothing to unpickle). Keys follow RegionCLIP's
+layout, which is also the one :class:`~regionclip.transfer.detectron2.modeling.CLIPResNetC4`
+registers: ``backbone.{conv1..3, bn1..3, layer1..4, attnpool}.*``.
+
+BatchNorm statistics (reference facts §4.4): Detectron2's ``FrozenBatchNorm2d`` fills in
+``running_mean = 0`` / ``running_var = 1`` for every FrozenBN whose statistics are *absent*
+from a checkpoint without version metadata (a plain dict, as here) — silently, without
+reporting them missing. Every BatchNorm's ``running_mean`` and ``running_var`` is therefore
+written explicitly (and checked below); ``num_batches_tracked`` is dropped because a FrozenBN
+has no such buffer.
+
+No Detectron2 import here: exporting works where Detectron2 is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from open_clip.modified_resnet import ModifiedResNet
+from torch import Tensor, nn
+
+from regionclip.config import ClipModelConfig
+from regionclip.models.loading import load_clip
+from regionclip.text import embed_class_names, embedding_metadata, save_embeddings
+from regionclip.transfer.engine import TransferError, read_categories
+from regionclip.utils import atomic_output, atomic_write_json
+
+FORMAT = "regionclip.detectron2"
+FORMAT_VERSION = 1
+PREFIX = "backbone."
+ARCH_SUFFIX = ".open_clip.json"
+EMBEDDINGS_SUFFIX = ".class_embeddings.safetensors"
+
+
+def sidecar(out: str | os.PathLike, suffix: str) -> Path:
+    """``model.pth`` → ``model<suffix>`` next to it."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(out.suffix) + suffix)
+
+
+def backbone_state_dict(visual: nn.Module) -> dict[str, Tensor]:
+    """``backbone.*`` tensors of a CLIP ResNet tower, fp32, with every BatchNorm's statistics.
+
+    Raises:
+        TypeError: ``visual`` is not an open_clip ``ModifiedResNet``.
+    """
+    if not isinstance(visual, ModifiedResNet):
+        raise TypeError(
+            f"the Detectron2 C4 detector needs a CLIP ResNet image tower (ModifiedResNet), got {type(visual).__name__}"
+        )
+    state = {
+        PREFIX + k: v.detach().to("cpu", torch.float32).contiguous()
+        for k, v in visual.state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
+    for name, module in visual.named_modules():
+        if isinstance(module, nn.BatchNorm2d):
+            for stat in ("running_mean", "running_var"):
+                if f"{PREFIX}{name}.{stat}" not in state:
+                    raise ValueError(
+                        f"BatchNorm {name} has no {stat}: its statistics would be reset on loading"
+                    )
+    return state
+
+
+def class_names(jsons: Sequence[str | os.PathLike]) -> list[str]:
+    """Category names of COCO jsons, in file order, each once."""
+    return list(dict.fromkeys(c["name"] for path in jsons for c in read_categories(path)))
+
+
+def export_student(
+    source: ClipModelConfig,
+    out: str | os.PathLike,
+    class_jsons: Sequence[str | os.PathLike] = (),
+    templates: str = "ensemble",
+) -> dict[str, Any]:
+    """Export ``source`` (a checkpoint folder, state-dict file, tag, or random init) to ``out``.
+
+    Writes, each atomically:
+
+    - ``out`` (``model.pth``): the Detectron2 checkpoint (image tower only);
+    - ``model.open_clip.json``: the open_clip architecture, for ``MODEL.CLIP.OPENCLIP_MODEL_CONFIG``;
+    - with ``class_jsons``: ``model.class_embeddings.safetensors`` (+ ``.txt``), the prompt-ensembled
+      embeddings of every category name of those jsons from the model's own text tower, for
+      ``MODEL.CLIP.TEXT_EMB_PATH``.
+
+    Returns a summary: paths, tensor / BatchNorm counts and the weights identity.
+
+    Raises:
+        ValueError: unreadable weights, not a ResNet tower, unreadable json (the message names it).
+    """
+    out = Path(out)
+    loaded = load_clip(source, "cpu")
+    try:
+        state = backbone_state_dict(loaded.model.visual)
+    except TypeError as e:
+        raise TransferError(f"{loaded.weights_id}: {e}") from None
+    meta = {"format": FORMAT, "version": str(FORMAT_VERSION), **loaded.identity}
+    with atomic_output(out) as tmp:
+        torch.save({"model": state, "regionclip": meta}, tmp)
+    arch_file = sidecar(out, ARCH_SUFFIX)
+    atomic_write_json(arch_file, loaded.model_cfg)
+    summary: dict[str, Any] = {
+        "out": str(out),
+        "arch": str(arch_file),
+        "tensors": len(state),
+        "batchnorms": sum(k.endswith(".running_var") for k in state),
+        "weights_id": loaded.weights_id,
+    }
+    if class_jsons:
+        names = class_names(class_jsons)
+        emb_file = sidecar(out, EMBEDDINGS_SUFFIX)
+        emb = embed_class_names(loaded, names, templates)
+        save_embeddings(emb_file, emb, names, embedding_metadata(loaded, templates))
+        summary.update(embeddings=str(emb_file), classes=len(names))
+    return summary
+
+
+def read_arch(path: str | os.PathLike) -> dict[str, Any]:
+    """An open_clip architecture dict from a JSON file: the sidecar written by :func:`export_student`,
+    an open_clip model config, or a checkpoint folder's ``open_clip_config.json`` (``model_cfg``)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ValueError(f"open_clip architecture {path}: cannot read: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"open_clip architecture {path}: invalid JSON: {e}") from None
+    if isinstance(data, dict) and isinstance(data.get("model_cfg"), dict):
+        data = data["model_cfg"]
+    if not isinstance(data, dict) or not isinstance(data.get("vision_cfg"), dict) or "embed_dim" not in data:
+        raise ValueError(f"open_clip architecture {path}: needs 'embed_dim' and a 'vision_cfg' object")
+    return data

@@ -1,0 +1,317 @@
+"""Detectron2 plugin: export → load (no missing backbone keys, BN statistics kept), the box head
+against RegionEncoder, vocabulary handling, and 2 training iterations + evaluation on EmojiWorld."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from data_prep import emojiworld
+from pipelines import export_detectron2 as export_cli
+from regionclip.config import ClipModelConfig, load_config
+from regionclip.models.loading import load_clip
+from regionclip.models.region import RegionEncoder
+from regionclip.proposals import build_proposal_network, save_rpn
+from regionclip.text import save_embeddings
+from regionclip.transfer.engine import TransferError
+
+pytest.importorskip(
+    "detectron2", reason="Detectron2 is not installable from PyPI; see README 'Detectron2 transfer'"
+)
+
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.layers import FrozenBatchNorm2d  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.structures import Boxes, Instances  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
+
+from pipelines import detectron2_train  # noqa: E402
+from regionclip.transfer.detectron2 import register_datasets, setup_cfg  # noqa: E402
+
+CONFIG = "configs/detectron2/EmojiWorld-C4.yaml"
+# RN-emoji: 3 stem BNs + 4 stages x 1 Bottleneck x (bn1, bn2, bn3, downsample BN)
+RN_EMOJI_BATCHNORMS = 3 + 4 * 4
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Toy-sized convolutions run fastest on one thread, above all on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """EmojiWorld tiny (64 px, 12 base / 4 novel), a tiny random RPN, and an RN-emoji "student"
+    with random BatchNorm statistics, exported with the CLI (weights + class embeddings)."""
+    root = tmp_path_factory.mktemp("d2")
+    assert emojiworld.main(["--config", "configs/tiny.yaml", f"output_dir={root}"]) == 0
+    rpn_cfg = load_config(
+        None,
+        [f"rpn.out_dir={root / 'rpn'}", "rpn.backbone=resnet18", "rpn.norm=bn", "rpn.fpn_levels=[3,4]",
+         "rpn.fpn_channels=16", "rpn.min_size=64", "rpn.max_size=64", "rpn.anchor_sizes=[16,32,64]",
+         "rpn.pre_nms_top_n_test=100", "rpn.post_nms_top_n_test=30"],
+    ).rpn  # fmt: skip
+    torch.manual_seed(0)
+    save_rpn(build_proposal_network(rpn_cfg), rpn_cfg, rpn_cfg.out_dir)
+
+    loaded = load_clip(ClipModelConfig(model="RN-emoji", model_config="configs/models/RN-emoji.json"))
+    gen = torch.Generator().manual_seed(1)
+    for m in loaded.model.visual.modules():  # statistics that an identity reset would destroy
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen))
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    loaded.save(root / "student")
+    ew = root / "emojiworld"
+    out = root / "export" / "student.pth"
+    assert export_cli.main(["--student", str(root / "student"), "--out", str(out),
+                            "--class-json", str(ew / "val.json"), "--templates", "single"]) == 0  # fmt: skip
+    return {"root": root, "ew": ew, "rpn": rpn_cfg.out_dir, "student": loaded.model, "ckpt": out}
+
+
+def _opts(world: dict, out_dir: Path, **extra) -> list[str]:
+    ew = world["ew"]
+    datasets = [
+        ["rc_emoji_train", str(ew / "det_train.json"), str(ew / "images")],
+        ["rc_emoji_val", str(ew / "val.json"), str(ew / "images")],
+    ]
+    opts = {
+        "MODEL.WEIGHTS": str(world["ckpt"]),
+        "MODEL.CLIP.TEXT_EMB_PATH": str(world["ckpt"]).replace(".pth", ".class_embeddings.safetensors"),
+        "MODEL.CLIP.RPN_DIR": str(world["rpn"]),
+        "MODEL.ROI_HEADS.NUM_CLASSES": "12",
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": "16",
+        "DATASETS.REGISTER_COCO": repr(datasets),
+        "DATASETS.TRAIN": "('rc_emoji_train',)",
+        "DATASETS.TEST": "('rc_emoji_val',)",
+        "INPUT.MIN_SIZE_TRAIN": "(64,)",
+        "INPUT.MAX_SIZE_TRAIN": "64",
+        "INPUT.MIN_SIZE_TEST": "64",
+        "INPUT.MAX_SIZE_TEST": "64",
+        "OUTPUT_DIR": str(out_dir),
+        **extra,
+    }
+    return [x for kv in opts.items() for x in kv]
+
+
+def _model(world: dict, tmp_path: Path, **extra):
+    cfg = setup_cfg(CONFIG, _opts(world, tmp_path, **extra))
+    register_datasets(cfg)
+    return cfg, build_model(cfg)
+
+
+def _load(model, path) -> tuple[list[str], list[str]]:
+    """DetectionCheckpointer.load, returning the missing and unexpected keys it reports."""
+    checkpointer = DetectionCheckpointer(model)
+    seen = {}
+    load_model = checkpointer._load_model
+
+    def spy(checkpoint):
+        seen["keys"] = load_model(checkpoint)
+        return seen["keys"]
+
+    checkpointer._load_model = spy
+    checkpointer.load(str(path))
+    return seen["keys"].missing_keys, seen["keys"].unexpected_keys
+
+
+def _batchnorms(module: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in module.named_modules() if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d))}
+
+
+# --------------------------------------------------------------------------------------------
+# Export and loading
+# --------------------------------------------------------------------------------------------
+
+
+def test_export_is_a_plain_tensor_dict_with_every_batchnorm_statistic(world: dict):
+    ckpt = torch.load(world["ckpt"], map_location="cpu", weights_only=True)
+    state = ckpt["model"]
+    assert all(k.startswith("backbone.") and isinstance(v, torch.Tensor) for k, v in state.items())
+    assert not any(k.endswith("num_batches_tracked") for k in state)
+    assert sum(k.endswith(".running_var") for k in state) == RN_EMOJI_BATCHNORMS
+    assert sum(k.endswith(".running_mean") for k in state) == RN_EMOJI_BATCHNORMS
+    assert "backbone.attnpool.positional_embedding" in state and "backbone.layer4.0.bn3.weight" in state
+    assert ckpt["regionclip"]["model"] == "RN-emoji"
+    arch = json.loads(world["ckpt"].with_name("student.open_clip.json").read_text())
+    assert arch["vision_cfg"]["layers"] == [1, 1, 1, 1]
+    names = world["ckpt"].with_name("student.class_embeddings.txt").read_text().splitlines()
+    assert len(names) == 16  # every category of val.json (12 base + 4 novel)
+
+
+def test_checkpoint_loads_without_missing_backbone_keys_and_keeps_bn_statistics(world: dict, tmp_path: Path):
+    _, model = _model(world, tmp_path)
+    missing, unexpected = _load(model, world["ckpt"])
+    # only the new box regressor is not in a pretrained CLIP; the RPN and the vocabulary are not in the state dict
+    assert sorted(missing) == [
+        "roi_heads.box_predictor.bbox_pred.bias",
+        "roi_heads.box_predictor.bbox_pred.weight",
+    ]
+    assert unexpected == []
+    student_bns, model_bns = _batchnorms(world["student"].visual), _batchnorms(model.backbone)
+    assert student_bns.keys() == model_bns.keys() and len(model_bns) == RN_EMOJI_BATCHNORMS
+    for name, bn in student_bns.items():
+        assert isinstance(model_bns[name], FrozenBatchNorm2d)
+        assert torch.equal(model_bns[name].running_mean, bn.running_mean), name
+        assert torch.equal(model_bns[name].running_var, bn.running_var), name
+        assert torch.equal(model_bns[name].weight, bn.weight.detach()), name
+
+
+def test_a_checkpoint_without_bn_statistics_is_silently_reset_to_identity(world: dict, tmp_path: Path):
+    """Why the exporter writes every statistic (facts §4.4): Detectron2 fills absent FrozenBN
+    statistics with 0 / 1 and does not even report them missing."""
+    ckpt = torch.load(world["ckpt"], map_location="cpu", weights_only=True)
+    ckpt["model"] = {
+        k: v for k, v in ckpt["model"].items() if not k.endswith(("running_mean", "running_var"))
+    }
+    torch.save(ckpt, tmp_path / "no_stats.pth")
+    _, model = _model(world, tmp_path)
+    missing, _ = _load(model, tmp_path / "no_stats.pth")
+    assert not [k for k in missing if k.startswith("backbone.")]
+    assert torch.equal(model.backbone.bn1.running_mean, torch.zeros_like(model.backbone.bn1.running_mean))
+    assert torch.equal(model.backbone.bn1.running_var, torch.ones_like(model.backbone.bn1.running_var))
+
+
+def test_backbone_freezing_and_the_rpn_outside_the_state_dict(world: dict, tmp_path: Path):
+    _, model = _model(world, tmp_path)
+    trainable = {".".join(n.split(".")[:2]) for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"backbone.layer2", "backbone.layer3", "backbone.layer4", "backbone.attnpool",
+                         "roi_heads.box_predictor"}  # fmt: skip
+    assert [n for n, p in model.named_parameters() if n.startswith("roi_heads")] == [
+        "roi_heads.box_predictor.bbox_pred.weight", "roi_heads.box_predictor.bbox_pred.bias"
+    ]  # fmt: skip
+    assert not [k for k in model.state_dict() if not k.startswith(("backbone.", "roi_heads."))]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    rpn = model.offline_proposals.network
+    assert not rpn.training and not any(p.requires_grad for p in rpn.parameters())
+    model.train()
+    assert not rpn.training  # the RPN stays in eval mode
+
+
+def test_box_head_region_embeddings_equal_region_encoder(world: dict, tmp_path: Path):
+    _, model = _model(world, tmp_path)
+    _load(model, world["ckpt"])
+    model.eval()
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 64, 80)
+    boxes = [
+        torch.tensor([[0.0, 0.0, 80.0, 64.0], [10.5, 4.0, 40.0, 30.25]]),
+        torch.tensor([[20.0, 8.0, 60.0, 60.0]]),
+    ]
+    student = world["student"].eval()
+    with torch.no_grad():
+        features = model.backbone(images)
+        got = model.roi_heads.region_embeddings(features, [Boxes(b) for b in boxes], model.backbone.box_head)
+        expected = RegionEncoder(student.visual, pooler_resolution=8)(images, boxes)
+    assert got.shape == (3, 128)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+
+
+def test_without_an_rpn_folder_a_trainable_detectron2_rpn_proposes(world: dict, tmp_path: Path):
+    _, model = _model(
+        world, tmp_path, **{"MODEL.CLIP.RPN_DIR": "", "MODEL.ANCHOR_GENERATOR.SIZES": "[[16, 32, 64]]"}
+    )
+    assert model.offline_proposals is None and model.proposal_generator is not None
+    inst = Instances((64, 64))
+    inst.gt_boxes = Boxes(torch.tensor([[8.0, 8.0, 40.0, 40.0]]))
+    inst.gt_classes = torch.tensor([3])
+    inputs = [{"image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8), "instances": inst}]
+    model.train()
+    with EventStorage():
+        losses = model(inputs)
+    assert set(losses) == {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg"}
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+# --------------------------------------------------------------------------------------------
+# Vocabulary
+# --------------------------------------------------------------------------------------------
+
+
+def test_train_and_test_vocabularies(world: dict, tmp_path: Path):
+    _, model = _model(world, tmp_path)
+    predictor = model.roi_heads.box_predictor
+    x = torch.randn(5, 128)
+    predictor.train()
+    assert predictor(x)[0].shape == (5, 13)  # 12 base classes + background
+    predictor.eval()
+    scores, deltas = predictor(x)
+    assert scores.shape == (5, 17) and deltas.shape == (5, 4)  # 16 val classes + background; one box
+    assert (scores[:, -1] == 0).all()  # background logit fixed at 0
+    predictor.set_test_embeddings(torch.randn(3, 128))
+    assert predictor(x)[0].shape == (5, 4)
+
+
+def test_class_count_and_dimension_mismatches_are_named(world: dict, tmp_path: Path):
+    with pytest.raises(
+        TransferError, match=r"class-count mismatch: MODEL.ROI_HEADS.NUM_CLASSES=48 .* has 12 classes"
+    ):
+        _model(world, tmp_path, **{"MODEL.ROI_HEADS.NUM_CLASSES": "48"})
+    names = (world["ew"] / "val.json").read_text()
+    names = [c["name"] for c in json.loads(names)["categories"]]
+    save_embeddings(tmp_path / "wide.safetensors", torch.randn(len(names), 32), names, {})
+    with pytest.raises(
+        ValueError, match="dimension 32 does not match the model's region embedding dimension 128"
+    ):
+        _model(world, tmp_path, **{"MODEL.CLIP.TEXT_EMB_PATH": str(tmp_path / "wide.safetensors")})
+    save_embeddings(tmp_path / "few.safetensors", torch.randn(3, 128), names[:3], {})
+    with pytest.raises(
+        TransferError, match=r"det_train.json has 12 categories but .*few.safetensors holds 3"
+    ):
+        _model(world, tmp_path, **{"MODEL.CLIP.TEXT_EMB_PATH": str(tmp_path / "few.safetensors")})
+
+
+def test_missing_images_are_named_at_registration(world: dict, tmp_path: Path):
+    val = json.loads((world["ew"] / "val.json").read_text())
+    val["images"][2]["file_name"] = "val/not-there.jpg"
+    (tmp_path / "val.json").write_text(json.dumps(val))
+    cfg = setup_cfg(
+        CONFIG,
+        [
+            "DATASETS.REGISTER_COCO",
+            repr([["rc_bad", str(tmp_path / "val.json"), str(world["ew"] / "images")]]),
+        ],
+    )
+    with pytest.raises(TransferError, match=r"val.json: 1 of 16 image files do not exist .*not-there.jpg"):
+        register_datasets(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# Training and evaluation, end to end
+# --------------------------------------------------------------------------------------------
+
+
+def test_two_iterations_then_eval_only_from_the_saved_model(world: dict, tmp_path: Path):
+    # near-uniform class scores keep every class above the score threshold: the detections then
+    # show that the test vocabulary (base + novel) replaced the training one (base)
+    common = {"MODEL.CLIP.CLSS_TEMP": "1.0", "TEST.DETECTIONS_PER_IMAGE": "1000", "SOLVER.IMS_PER_BATCH": "2",
+              "SOLVER.MAX_ITER": "2", "SOLVER.STEPS": "()", "SOLVER.WARMUP_ITERS": "1",
+              "SOLVER.CHECKPOINT_PERIOD": "1000", "TEST.EVAL_PERIOD": "0"}  # fmt: skip
+    argv = ["--config-file", CONFIG, *_opts(world, tmp_path / "train", **common)]
+    assert detectron2_train.main(argv) == 0
+    out = tmp_path / "train" / "inference" / "rc_emoji_val"
+    metrics = json.loads((out / "metrics.json").read_text())
+    for split in ("all", "base", "novel"):
+        assert 0.0 <= metrics[f"AP50_{split}"] <= 1.0
+    assert metrics["eval"]["images"] == 16
+    assert set(metrics["coco"]) >= {"AP", "AP50", "AP75", "AR100"}
+    val = json.loads((world["ew"] / "val.json").read_text())
+    novel = {c["id"] for c in val["categories"] if c["split"] == "novel"}
+    found = {d["category_id"] for d in json.loads((out / "detections.json").read_text())}
+    assert found <= {c["id"] for c in val["categories"]} and found & novel
+    final = tmp_path / "train" / "model_final.pth"
+    assert final.is_file()
+
+    trained = torch.load(final, map_location="cpu", weights_only=True)["model"]
+    eval_opts = _opts(world, tmp_path / "eval", **{**common, "MODEL.WEIGHTS": str(final)})
+    assert detectron2_train.main(["--config-file", CONFIG, "--eval-only", *eval_opts]) == 0
+    again = json.loads((tmp_path / "eval" / "inference" / "rc_emoji_val" / "metrics.json").read_text())
+    assert again["AP50_all"] == pytest.approx(metrics["AP50_all"]) and again["eval"] == metrics["eval"]
+    assert not torch.equal(trained["backbone.layer4.0.conv1.weight"],
+                           torch.load(world["ckpt"], weights_only=True)["model"]["backbone.layer4.0.conv1.weight"])  # fmt: skip
