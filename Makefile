@@ -70,17 +70,11 @@ pseudolabel: install
 pretrain: install
 	$(PY) pretrain.py --config $(CONFIG) $(ARGS)
 
-# The demo's image-level teacher: pretrain.py as a plain CLIP trainer (image-text loss only, both
-# towers trained from scratch) on the EmojiWorld image-text shards, into <output_dir>/teacher.
-# T=0.07 from scratch collapses both towers (cosine ~0.95 between any two images) and the loss sits
-# at ln(batch) for ~50 steps (longer at higher lr); T=0.2 keeps them apart. Cosine decay: the
-# default multistep cut the lr 10x at half the run. 200 x 128 images: ~10 min on 2 CPU cores.
-TEACHER_ARGS ?= pretrain.mode=image_text 'pretrain.out_dir=$${output_dir}/teacher' pretrain.freeze_at=0 \
-  pretrain.train_text=true pretrain.freeze_bn=false pretrain.optimizer=adamw pretrain.lr=0.001 pretrain.weight_decay=0.05 \
-  pretrain.image_text_temperature=0.2 pretrain.batch_size=128 pretrain.schedule=cosine pretrain.warmup_steps=20 \
-  pretrain.max_steps=200 pretrain.checkpoint_every=50
+# The demo's image-level teacher (pretrain.py as a plain CLIP trainer, from scratch) into
+# <output_dir>/teacher; the recipe is configs/demo-teacher.yaml (<config stem>-teacher.yaml).
+TEACHER_CONFIG ?= $(basename $(CONFIG))-teacher.yaml
 teacher: install
-	$(PY) pretrain.py --config $(CONFIG) $(TEACHER_ARGS) $(ARGS)
+	$(PY) pretrain.py --config $(TEACHER_CONFIG) $(ARGS)
 
 # Open-vocabulary detector on base boxes -> AP50 base/novel/all; transfer.init/transfer.tag pick
 # the teacher (CLIP baseline) or a student checkpoint (RegionCLIP).
@@ -96,9 +90,12 @@ eval: install
 detect: install
 	$(PY) -m pipelines.detect $(ARGS)
 
-# The pipeline as far as it is built: data -> RPN -> concepts. Pseudo-labelling joins once the
-# demo trains its image-level teacher (pretrain.py); until then the teacher is random.
-demo: demo-data rpn concepts
+# Every stage on the generated EmojiWorld (data, teacher, rpn, concepts, pseudolabel, student, eval,
+# transfer x2) -> runs/demo/results.json, RESULTS.md, PNGs; finished stages are skipped on a re-run.
+# Several seeds: make demo SEEDS="0 1 2" (runs/demo/seed<N> each + the mean +- std in runs/demo).
+SEEDS ?=
+demo: install font
+	$(PY) -m pipelines.demo --config $(CONFIG) $(if $(strip $(SEEDS)),--seeds $(SEEDS)) $(ARGS)
 
 bench: install font
 	$(PY) -m pipelines.bench --out runs/bench $(ARGS)

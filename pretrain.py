@@ -1,7 +1,7 @@
 """Student pretraining (DESIGN §1 step 4): ``regionclip.train.train`` behind the usual arguments.
 
     python pretrain.py --config configs/demo.yaml [key=value ...]                 # one process
-    accelerate launch pretrain.py --config configs/rn50_cc3m.yaml [key=value ...]  # GPUs, nodes
+    accelerate launch pretrain.py --config configs/cc3m-rn50.yaml [key=value ...]  # GPUs, nodes
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 pretrain.py --config ...      # CPU processes
     python pretrain.py --config configs/demo.yaml pretrain.mode=image_text ...     # a plain CLIP trainer
 

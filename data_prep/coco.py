@@ -207,7 +207,7 @@ def convert_coco(cfg: ExperimentConfig) -> ConversionStats:
     if c.instances_json:
         instances = read_json(c.instances_json, "instances json")
         categories = ovd_categories(instances, c.instances_json, c.base_classes, c.novel_classes)
-    stats = ConversionStats("coco", str(out_dir), cfg.data_prep.prefix)
+    stats = ConversionStats("coco", str(out_dir), cfg.data_prep.prefix, wants_images=bool(c.captions_json))
     if c.captions_json:
         image_dir = Path(c.image_dir)
         if not image_dir.is_dir():

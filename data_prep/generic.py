@@ -173,6 +173,7 @@ class ConversionStats:
     shards: list[ShardInfo] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)  # every error record, not just examples
     extra: str = ""  # source-specific tail of the summary line
+    wants_images: bool = True  # False when only box files were asked for (COCO instances alone)
 
     @property
     def skipped_path(self) -> Path:
@@ -513,7 +514,7 @@ def run_converter(convert: Callable[[ExperimentConfig], ConversionStats], cfg: E
         print(f"error: {e}", file=sys.stderr)
         return 1
     stats.report()
-    if stats.images == 0:
+    if stats.wants_images and stats.images == 0:
         print(f"error: {stats.source}: no sample could be converted", file=sys.stderr)
         return 1
     return 0

@@ -1,16 +1,20 @@
 """`make eval`: zero-shot region recognition and zero-shot detection of a CLIP model.
 
     python -m pipelines.eval --config FILE [key=value ...]
-    make eval CONFIG=configs/demo.yaml ARGS="eval.model.pretrained=runs/demo/student eval.tag=student"
+    make eval CONFIG=configs/demo.yaml ARGS="eval.model.pretrained=runs/demo/student/final eval.tag=student"
 
 Classifies the GT boxes of ``eval.json`` by region embeddings (top-1/top-5 for all/base/novel)
 and, with ``eval.rpn`` set, detects with RPN proposals and no box regression (COCO AP and AP50
 per split). Writes ``<eval.out_dir>/<tag>.json`` and the detections as COCO results in
-``<tag>.detections.json``. Exit status: 0 done, 1 bad input, 2 bad config or arguments.
+``<tag>.detections.json``; a re-run whose ``<tag>.json`` holds the same run hash (the ``eval``
+section and the model, RPN, json and vocabulary files it names) is skipped. Exit status: 0 done,
+1 bad input, 2 bad config or arguments.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import sys
 import time
@@ -19,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from regionclip.cli import config_from_argv, device_from_config
-from regionclip.config import ClipModelConfig, to_dict
+from regionclip.config import ClipModelConfig, EvalConfig, section_hash, to_dict
 from regionclip.data.shards import SampleErrors
 from regionclip.evaluation import (
     DetectionParams,
@@ -31,10 +35,11 @@ from regionclip.evaluation import (
     region_accuracy,
     zero_shot_detection,
 )
-from regionclip.models.loading import load_clip
+from regionclip.models.loading import WEIGHTS_FILE, load_clip
+from regionclip.proposals import WEIGHTS_FILE as RPN_WEIGHTS_FILE
 from regionclip.proposals import load_rpn
 from regionclip.text import load_embeddings
-from regionclip.utils import atomic_write_json
+from regionclip.utils import atomic_write_json, sha256_file
 
 
 def default_tag(model: ClipModelConfig) -> str:
@@ -48,6 +53,25 @@ def default_tag(model: ClipModelConfig) -> str:
     return f"{model.model}-{weights}".replace("/", "_")
 
 
+def run_hash(ev: EvalConfig) -> str:
+    """Hash of the ``eval`` section and the contents of the files it names: the model weights, the
+    RPN weights, the eval json and the vocabulary or class embeddings file."""
+    weights = Path(ev.model.pretrained) if ev.model.pretrained else None
+    if weights is not None and weights.is_dir():
+        weights = weights / WEIGHTS_FILE
+    files = [weights, Path(ev.rpn) / RPN_WEIGHTS_FILE if ev.rpn else None, Path(ev.json)]
+    files += [Path(f) if f else None for f in (ev.vocabulary, ev.class_embeddings)]
+    digests = [sha256_file(f) if f is not None and f.is_file() else str(f) for f in files]
+    return hashlib.sha256(json.dumps([section_hash(ev), digests]).encode()).hexdigest()[:16]
+
+
+def _finished(path: Path, run: str) -> bool:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("run_hash") == run
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 
@@ -58,6 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ev = cfg.eval
     tag = ev.tag or default_tag(ev.model)
     device = device_from_config(cfg.device)
+    out = Path(ev.out_dir) / f"{tag}.json"
+    run = run_hash(ev)
+    if _finished(out, run):
+        print(f"eval {tag}: {out} holds the results of this config; skipping")
+        return 0
     start = time.perf_counter()
     errors = SampleErrors()
     try:
@@ -111,8 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "skipped": dict(errors.counts),
         "seconds": round(seconds, 2),
         "config": to_dict(ev),
+        "run_hash": run,
     }
-    out = Path(ev.out_dir) / f"{tag}.json"
     atomic_write_json(out, report)
     if errors.counts:
         for line in errors.report_lines():

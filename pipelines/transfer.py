@@ -3,7 +3,7 @@
     python -m pipelines.transfer --config FILE [key=value ...] [--stop-after N]
 
 ``transfer.init`` picks the weights: the teacher (CLIP baseline, default) or a student checkpoint
-folder (RegionCLIP), e.g. ``transfer.init.pretrained=runs/demo/pretrain/final transfer.tag=regionclip``.
+folder (RegionCLIP), e.g. ``transfer.init.pretrained=runs/demo/student/final transfer.tag=regionclip``.
 Writes ``<transfer.out_dir>/model.safetensors``, ``detections.json`` and ``metrics.json``; resumes
 from ``checkpoint/`` and skips a run already finished with the same config. Exit status: 0 done
 (or stopped by --stop-after), 1 bad input, 2 bad config or arguments.

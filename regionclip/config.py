@@ -248,11 +248,11 @@ class PretrainConfig:
     # `make pseudolabel` writes for data.pretrain_shards (regions), else data.pretrain_shards
     shards: str = ""
     concepts: str = "${pseudolabel.concepts}"  # concept pool embeddings (regions mode)
-    allow_mismatch: bool = False  # train on pseudo-label shards whose concept pool/teacher differ from the config
+    allow_mismatch: bool = False  # train on shards labelled with another concept pool/teacher
     init: ClipModelConfig = field(default_factory=_student_init)
     freeze_at: int = 2  # stem + layer1 frozen (Detectron2 FREEZE_AT); BatchNorm always frozen
     train_text: bool = False  # RegionCLIP freezes the text tower; true for a CLIP trained from scratch
-    freeze_bn: bool = True  # RegionCLIP freezes every BatchNorm; false for an image tower trained from scratch
+    freeze_bn: bool = True  # RegionCLIP freezes every BatchNorm; false for a tower trained from scratch
     image_text_weight: float = 1.0
     distill_weight: float = 1.0
     contrastive_weight: float = 1.0
@@ -306,9 +306,9 @@ class TransferConfig:
     train_json: str = "${data.det_train_json}"  # base-class boxes; its categories are the training vocabulary
     val_json: str = "${data.val_json}"  # all boxes; its categories (base + novel) are the test vocabulary
     image_root: str = "${data.image_root}"
-    class_embeddings: str = ""  # embeddings file (regionclip.text format) naming every category; empty = embed here
+    class_embeddings: str = ""  # regionclip.text embeddings naming every category; empty = embed here
     templates: str = "ensemble"
-    proposals: str = "frozen"  # frozen: the project's RPN (rpn_dir), as RegionCLIP | trainable: an RPN head on C4
+    proposals: str = "frozen"  # frozen: the RPN in rpn_dir, as RegionCLIP | trainable: an RPN head on C4
     rpn_dir: str = "${rpn.out_dir}"
     max_proposals: int = 0  # frozen RPN: keep the top-k by objectness per image (0 = all it returns)
     rpn_anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])

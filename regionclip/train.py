@@ -27,12 +27,19 @@ kept. A run with checkpoints in ``out_dir`` resumes from the newest one exactly:
 optimizer, RNG, step and data position.
 
 At the end the student is exported with :meth:`StudentModel.export` to ``<out_dir>/final``
-(open_clip-loadable) and ``<out_dir>/summary.json`` is written. TensorBoard logs go to
-``<out_dir>/logs``.
+(open_clip-loadable) and ``<out_dir>/summary.json`` is written with the run hash (the
+``pretrain`` section, the init weights and the training shards). A re-run whose run hash matches
+a finished summary returns it without touching anything; a finished run of another config or
+other inputs in the same ``out_dir`` is an error, never silently skipped or trained on.
+
+TensorBoard logs go to ``<out_dir>/logs``; the same scalars go to ``<out_dir>/losses.jsonl``
+(one JSON line per logged step; after a resume the steps logged since the checkpoint appear again
+and the later line counts).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -75,6 +82,8 @@ SCHEDULES = ("multistep", "cosine")
 PRECISIONS = ("fp32", "bf16")
 TERMS = ("loss", "image_text", "distill", "contrastive")
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)$")
+SUMMARY_FILE = "summary.json"
+LOSS_LOG_FILE = "losses.jsonl"
 
 
 class TrainingError(RuntimeError):
@@ -197,6 +206,54 @@ def check_manifests(cfg: ExperimentConfig, urls: list[str]) -> None:
         log.warning("%s\n(pretrain.allow_mismatch=true: training anyway)", msg)
 
 
+def run_hash(cfg: ExperimentConfig, urls: list[str]) -> str:
+    """What a finished run's outputs depend on: the ``pretrain`` section, the init weights file
+    (sha256) and the training shards and concept pool (size + mtime of local files)."""
+    from regionclip.models.loading import WEIGHTS_FILE
+
+    p = cfg.pretrain
+
+    def stamp(path: str) -> list[Any]:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return [path]  # a URL / pipe: command; its name is all there is
+        return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+
+    init = Path(p.init.pretrained) if p.init.pretrained else None
+    weights = init / WEIGHTS_FILE if init is not None and init.is_dir() else init
+    inputs = {
+        "init": sha256_file(weights) if weights is not None and weights.is_file() else p.init.pretrained,
+        "shards": [stamp(u) for u in urls],
+        "concepts": stamp(p.concepts) if p.mode == "regions" else None,
+    }
+    blob = json.dumps([section_hash(p), inputs], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def finished_summary(out_dir: str | Path, run: str) -> dict[str, Any] | None:
+    """The summary of the finished run ``run`` in ``out_dir``, or None when there is none to reuse
+    (a summary without run hash, written before runs were hashed, is resumed as before).
+
+    Raises:
+        ValueError: ``out_dir`` holds a finished run of another config or other inputs.
+    """
+    out_dir = Path(out_dir)
+    try:
+        summary = json.loads((out_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if "run_hash" not in summary or not (out_dir / "final").is_dir():
+        return None
+    if summary["run_hash"] != run:
+        raise ValueError(
+            f"pretrain.out_dir={out_dir} holds a finished run of another config or other inputs (run hash "
+            f"{summary['run_hash']}, this run {run}): delete the folder to train again, delete only its "
+            f"{SUMMARY_FILE} to continue from its last checkpoint, or choose another pretrain.out_dir"
+        )
+    return summary
+
+
 # --------------------------------------------------------------------------------------------
 # Batches
 # --------------------------------------------------------------------------------------------
@@ -259,6 +316,30 @@ def _save_checkpoint(
     return final
 
 
+def build_optimizer(p: PretrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """SGD or AdamW of ``pretrain.optimizer`` over ``params`` (the learning rate is set per step)."""
+    if p.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
+    return torch.optim.AdamW(params, lr=p.lr, betas=tuple(p.betas), weight_decay=p.weight_decay)
+
+
+def build_loss(p: PretrainConfig, rank: int = 0, world_size: int = 1) -> RegionCLIPLoss:
+    """The configured losses; the region terms are off in image_text mode."""
+    region_losses = p.mode == "regions"
+    return RegionCLIPLoss(
+        image_text_weight=p.image_text_weight,
+        distill_weight=p.distill_weight if region_losses else 0.0,
+        contrastive_weight=p.contrastive_weight if region_losses else 0.0,
+        image_text_temperature=p.image_text_temperature,
+        distill_temperature=p.distill_temperature,
+        contrastive_temperature=p.contrastive_temperature,
+        teacher_temperature=p.teacher_temperature,
+        gather_with_grad=True,
+        rank=rank,
+        world_size=world_size,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
@@ -282,6 +363,14 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
 
     p = cfg.pretrain
     check_config(p)
+    urls = resolve_shards(cfg)
+    run = run_hash(cfg, urls)
+    done = finished_summary(p.out_dir, run)
+    if done is not None:
+        print(
+            f"pretrain: {p.out_dir} holds the finished run of this config ({done['steps']} steps); skipping"
+        )
+        return done
     device = resolve_device(cfg.device)
     use_bf16 = p.precision == "bf16" and device.type == "cuda"
     if p.precision == "bf16" and not use_bf16:
@@ -296,7 +385,6 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     kind = "online" if p.online else p.mode
     region_losses = p.mode == "regions"
 
-    urls = resolve_shards(cfg)
     concept_emb = None
     if region_losses:
         from regionclip.text import load_embeddings
@@ -314,22 +402,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     student = build_student(p.init, p.freeze_at, acc.device, train_text=p.train_text, freeze_bn=p.freeze_bn)
     student.train()
     params = [q for _, q in student.trainable_parameters()]
-    if p.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=p.lr, betas=tuple(p.betas), weight_decay=p.weight_decay)
-    loss_fn = RegionCLIPLoss(
-        image_text_weight=p.image_text_weight,
-        distill_weight=p.distill_weight if region_losses else 0.0,
-        contrastive_weight=p.contrastive_weight if region_losses else 0.0,
-        image_text_temperature=p.image_text_temperature,
-        distill_temperature=p.distill_temperature,
-        contrastive_temperature=p.contrastive_temperature,
-        teacher_temperature=p.teacher_temperature,
-        gather_with_grad=True,
-        rank=rank,
-        world_size=world,
-    )
+    optimizer = build_optimizer(p, params)
+    loss_fn = build_loss(p, rank, world)
     model, optimizer = acc.prepare(student, optimizer)
 
     # ---- resume
@@ -365,13 +439,14 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     errors = SampleErrors()
     global_batch = p.batch_size * p.grad_accum * world
 
-    writer = None
+    writer = loss_log = None
     if acc.is_main_process:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out_dir / "logs"))
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out_dir / "config.json", to_dict(cfg))
+        loss_log = open(out_dir / LOSS_LOG_FILE, "a", encoding="utf-8")
     dump: dict[str, Any] = {"steps": [], "first_step_grads": {}}
     last: dict[str, float] = {}
     start_step = step
@@ -447,6 +522,10 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                     writer.add_scalar("train/lr", lr, step)
                     writer.add_scalar("train/grad_norm", grad_norm, step)
                     writer.add_scalar("train/images_per_s", ips, step)
+                if loss_log is not None:
+                    line = {"step": step, **last, "lr": lr, "grad_norm": grad_norm, "images_per_s": ips}
+                    loss_log.write(json.dumps(line) + "\n")
+                    loss_log.flush()
                 bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{ips:.1f}")
             bar.update(1)
             if p.checkpoint_every > 0 and step % p.checkpoint_every == 0 and step < p.max_steps:
@@ -463,6 +542,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         bar.close()
         if writer is not None:
             writer.close()
+        if loss_log is not None:
+            loss_log.close()
     if saved_at != step:
         _save_checkpoint(
             acc,
@@ -501,8 +582,9 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         "peak_memory_mb": _peak_memory_mb(acc.device),
         "skipped_samples": skipped,
         "final": str(final_dir),
+        "run_hash": run,
     }
-    atomic_write_json(out_dir / "summary.json", summary)
+    atomic_write_json(out_dir / SUMMARY_FILE, summary)
     if p.debug_dump:
         atomic_write_json(p.debug_dump, dump)
     for line in errors.report_lines() if errors.counts else []:

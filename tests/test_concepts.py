@@ -259,3 +259,21 @@ def test_stage_fails_clearly_when_nothing_passes(tmp_path, tiny_clip, parser):
         build_concepts(stage_config(tmp_path, tiny_clip, str(path)))
     with pytest.raises(ValueError, match="cannot read captions file"):
         build_concepts(stage_config(tmp_path, tiny_clip, str(tmp_path / "missing.txt")))
+
+
+def test_inputs_include_the_teacher_weights_file(tmp_path):
+    from regionclip.concepts.build import input_identity
+    from regionclip.config import load_config
+    from regionclip.models.loading import WEIGHTS_FILE
+
+    (tmp_path / "captions.txt").write_text("a dog\n", encoding="utf-8")
+    (tmp_path / "final").mkdir()
+    weights = tmp_path / "final" / WEIGHTS_FILE
+    weights.write_bytes(b"1")
+    cfg = load_config(
+        None, [f"concepts.captions={tmp_path / 'captions.txt'}", f"teacher.pretrained={tmp_path / 'final'}"]
+    )
+    first = input_identity(cfg)
+    assert first[-1]["path"] == str(weights) and first[-1]["size"] == 1
+    weights.write_bytes(b"22")  # the teacher retrained in place: the concept embeddings are stale
+    assert input_identity(cfg) != first

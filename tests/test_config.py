@@ -121,3 +121,20 @@ def test_yaml_dump_round_trips_and_hash_tracks_changes(tmp_path):
     assert again == cfg
     assert section_hash(cfg.shards) == section_hash(again.shards)
     assert section_hash(cfg.shards) != section_hash(load_config(None, ["shards.maxcount=6"]).shards)
+
+
+def test_real_data_configs_load_without_data():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    coco = load_config(root / "coco-rn50.yaml")
+    assert (coco.teacher.model, coco.teacher.pretrained) == ("RN50", "openai")
+    assert coco.pretrain.init == coco.teacher  # the student starts from the teacher
+    assert coco.data_prep.source == "coco"
+    assert coco.data.pretrain_shards == "runs/coco/data/train-{000000..000118}.tar"
+    assert coco.pseudolabel.input_shards == coco.data.pretrain_shards
+    assert coco.transfer.rpn_dir == "runs/coco/rpn"
+    assert (coco.pretrain.lr, coco.pretrain.batch_size, coco.pseudolabel.temperature) == (0.002, 3, 0.01)
+    cc3m = load_config(root / "cc3m-rn50.yaml")
+    assert (cc3m.data_prep.source, cc3m.output_dir) == ("generic", "runs/cc3m")
+    assert cc3m.teacher == coco.teacher
+    assert cc3m.rpn.out_dir == "runs/coco/rpn"  # reuses the COCO base-class RPN
+    assert cc3m.transfer.train_json == "runs/coco/data/instances_train_base.json"

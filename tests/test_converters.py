@@ -191,6 +191,14 @@ def test_coco_default_split_needs_all_65_classes(coco):
         convert_coco(load_config(None, overrides))
 
 
+def test_coco_instances_alone_write_box_files(coco):
+    # e.g. the val split for evaluation: boxes only, no caption shards, and that is not an error
+    overrides = [o for o in coco["overrides"] if "captions_json=" not in o]
+    assert coco_main(overrides) == 0
+    assert json.loads((coco["out"] / "instances_toy_all.json").read_text())["annotations"]
+    assert not list(coco["out"].glob("*.tar"))
+
+
 def test_coco_main_summary(coco, capsys):
     assert coco_main(coco["overrides"]) == 0
     out = capsys.readouterr().out

@@ -319,3 +319,37 @@ def test_eval_pipeline_reports_bad_embeddings_file(tmp_path: Path, tiny_model, t
     assert code == 1
     err = capsys.readouterr().err
     assert str(bad) in err and "dimension 16" in err and "64" in err
+
+
+def test_eval_pipeline_skips_a_finished_run_of_the_same_config(tmp_path: Path, tiny_clip, capsys) -> None:
+    json_path = write_tiny_set(tmp_path)
+    name, config = tiny_clip
+    argv = [
+        "device=cpu",
+        f"eval.model.model={name}",
+        f"eval.model.model_config={config}",
+        f"eval.json={json_path}",
+        f"eval.image_root={tmp_path / 'images'}",
+        f"eval.out_dir={tmp_path / 'eval'}",
+        "eval.cache_dir=",
+        "eval.templates=single",
+        "eval.short_side=64",
+        "eval.max_side=64",
+        "eval.rpn=",
+        "eval.tag=t",
+    ]
+    report = tmp_path / "eval" / "t.json"
+    assert eval_pipeline.main(argv) == 0
+    first = report.stat().st_mtime_ns
+    capsys.readouterr()
+    assert eval_pipeline.main(argv) == 0
+    assert "holds the results of this config; skipping" in capsys.readouterr().out
+    assert report.stat().st_mtime_ns == first
+    assert eval_pipeline.main([*argv, "eval.temperature=0.02"]) == 0  # another config: evaluated again
+    assert "skipping" not in capsys.readouterr().out
+    assert json.loads(report.read_text())["config"]["temperature"] == 0.02
+    data = json.loads(json_path.read_text())
+    data["annotations"] = data["annotations"][:-1]
+    json_path.write_text(json.dumps(data))  # same path, other boxes: evaluated again
+    assert eval_pipeline.main([*argv, "eval.temperature=0.02"]) == 0
+    assert json.loads(report.read_text())["region_accuracy"]["all"]["n"] == 2

@@ -385,3 +385,35 @@ def test_decode_pseudo_turns_bad_samples_into_error_records():
     assert decode_pseudo(raw)["__error__"] == "missing_image"
     bad = decode_pseudo({**raw, "png": png})  # no region arrays
     assert bad["__error__"] == "bad_pseudo_sample" and "boxes.npy" in bad["detail"]
+
+
+def test_finished_run_is_skipped_and_another_config_or_init_refused(world, tmp_path, capsys):
+    init = tmp_path / "init.safetensors"
+    init.write_bytes((world["root"] / "teacher.safetensors").read_bytes())
+    out = tmp_path / "done"
+    argv = ["--config", world["config"], f"pretrain.out_dir={out}", f"pretrain.init.pretrained={init}"]
+    argv += ["pretrain.mode=image_text", "pretrain.checkpoint_every=1"]
+    assert pretrain.main(argv) == 0
+    logged = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2]  # log_every=1
+    assert {"loss", "image_text", "lr", "grad_norm"} <= set(logged[0])
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+
+    assert pretrain.main(argv) == 0
+    assert "holds the finished run of this config" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == files
+
+    assert pretrain.main([*argv, "pretrain.lr=0.01"]) == 1  # another config: refused, not skipped
+    err = capsys.readouterr().err
+    assert f"pretrain.out_dir={out} holds a finished run of another config" in err
+    state = safetensors.torch.load_file(str(init))
+    safetensors.torch.save_file({k: v + 1 for k, v in state.items()}, str(init))
+    assert pretrain.main(argv) == 1  # other init weights: refused too
+
+    (out / "summary.json").unlink()  # as the error says: continue from the last checkpoint
+    assert pretrain.main([*argv, "pretrain.max_steps=3"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["resumed_from"] == 2
+    logged = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2, 3]

@@ -1,18 +1,26 @@
 """Benchmarks: measured figures for BENCHMARKS.md (``make bench`` / ``python -m pipelines.bench``).
 
 A benchmark is a function ``fn(workdir, **params) -> dict`` whose result holds its figures (plain
-numbers, medians over repeated runs) and any details (per-run timings, parameters). Results are
-kept in a JSON file; :func:`render_markdown` turns that file into BENCHMARKS.md.
+numbers, medians over repeated runs) and any details (per-run timings, parameters). Each one runs
+in a fresh Python process (:func:`run_in_subprocess`), so that the peak RSS recorded for it is its
+own. Results are kept in a JSON file; :func:`render_markdown` turns that file into BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import platform
+import resource
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -25,8 +33,69 @@ class Benchmark:
     params: dict[str, Any] = field(default_factory=dict)  # defaults passed to fn
 
     def load(self) -> Callable[..., dict[str, Any]]:
-        module, _, name = self.fn.partition(":")
-        return getattr(importlib.import_module(module), name)
+        return load_function(self.fn)
+
+
+def load_function(spec: str) -> Callable[..., Any]:
+    """The function named by ``"module:function"``."""
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def peak_rss_gib() -> float:
+    """Peak resident set size of this process so far, in GiB: ``VmHWM`` of /proc/self/status (its
+    own address space; ``ru_maxrss`` would also count the parent it was forked from), else
+    ``ru_maxrss`` (KiB on Linux)."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 2**20, 3)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+
+
+def children_peak_rss_gib() -> float:
+    """Peak RSS of the largest finished child process (DataLoader workers, nested runs), in GiB; a
+    forked child's figure includes what it shared with this process at the fork."""
+    return round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 3)
+
+
+_CHILD = "import sys; from regionclip.benchmarks import child_main; child_main(sys.argv[1])"
+
+
+def child_main(job_file: str) -> None:
+    """Body of a :func:`run_in_subprocess` child: run the job, write its result (JSON, atomic)."""
+    from regionclip.utils import atomic_write_json
+
+    job = json.loads(Path(job_file).read_text(encoding="utf-8"))
+    result = load_function(job["fn"])(**job["kwargs"])
+    result.update(peak_rss_gib=peak_rss_gib(), children_peak_rss_gib=children_peak_rss_gib())
+    atomic_write_json(job["result"], result)
+
+
+def run_in_subprocess(fn: str, kwargs: dict[str, Any], workdir: str | Path, tag: str) -> dict[str, Any]:
+    """``fn(**kwargs)`` (``fn`` = ``"module:function"``, JSON-serialisable arguments and result) in
+    a fresh Python process; its output goes to this process's stdout/stderr.
+
+    Returns the function's result plus ``peak_rss_gib`` (the child's own peak RSS, measured at its
+    end) and ``children_peak_rss_gib`` (its largest child's). Job and result files are
+    ``<workdir>/<tag>.{job,result}.json``. Raises RuntimeError when the child fails.
+    """
+    from regionclip.utils import atomic_write_json
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    job_file, result_file = workdir / f"{tag}.job.json", workdir / f"{tag}.result.json"
+    result_file.unlink(missing_ok=True)
+    atomic_write_json(job_file, {"fn": fn, "kwargs": kwargs, "result": str(result_file)})
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    rc = subprocess.run([sys.executable, "-c", _CHILD, str(job_file)], env=env, check=False).returncode
+    if rc != 0 or not result_file.exists():
+        raise RuntimeError(f"{fn} failed in its subprocess (exit status {rc}; its error is printed above)")
+    return json.loads(result_file.read_text(encoding="utf-8"))
 
 
 def _cpu_model() -> str:

@@ -149,12 +149,18 @@ def _file_identity(path: str) -> dict[str, Any]:
 
 
 def input_identity(cfg: ExperimentConfig) -> list[dict[str, Any]]:
-    """What the outputs depend on besides the config values: the caption and word-list files."""
+    """What the outputs depend on besides the config values: the caption and word-list files and
+    the teacher's weights file (a retrained teacher at the same path needs new embeddings)."""
     from webdataset.shardlists import expand_urls
+
+    from regionclip.models.loading import WEIGHTS_FILE
 
     c = cfg.concepts
     sources = [c.captions] if is_text_file(c.captions) else expand_urls(c.captions)
     files = sources + [p for p in (c.stop_list, c.include, c.exclude, c.categories_json) if p]
+    teacher = cfg.teacher.pretrained
+    if teacher:
+        files.append(str(Path(teacher) / WEIGHTS_FILE) if Path(teacher).is_dir() else teacher)
     return [_file_identity(p) for p in files]
 
 
