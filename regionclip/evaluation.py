@@ -35,7 +35,7 @@ from pycocotools.cocoeval import COCOeval
 from torchvision.ops import batched_nms
 from tqdm import tqdm
 
-from regionclip.data.shards import ERROR_FIELD, SampleErrors
+from regionclip.data.shards import SampleErrors, error_record
 from regionclip.models.loading import LoadedClip
 from regionclip.models.preprocess import pil_to_tensor
 from regionclip.models.region import encode_regions
@@ -361,14 +361,7 @@ def read_images(
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             log.warning("skipping unreadable image %s: %s", path, e)
             if errors is not None:
-                errors.add(
-                    {
-                        ERROR_FIELD: "unreadable_image",
-                        "__key__": path.name,
-                        "__url__": source,
-                        "detail": str(e),
-                    }
-                )
+                errors.add(error_record("unreadable_image", path.name, source, str(e)))
     return kept, images
 
 

@@ -51,7 +51,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
 from regionclip.config import RPNConfig, section_hash, to_dict
-from regionclip.data.shards import ERROR_FIELD, SampleErrors
+from regionclip.data.shards import ERROR_FIELD, SampleErrors, error_record
 from regionclip.sgd import load_checkpoint, optimizer_step, save_checkpoint, update_running
 from regionclip.utils import atomic_output, atomic_write_json
 
@@ -477,7 +477,7 @@ class BoxDataset:
 
 
 def _skip(errors: SampleErrors, reason: str, key: str, json_path: str, detail: str) -> None:
-    errors.add({ERROR_FIELD: reason, "__key__": key, "__url__": json_path, "detail": detail})
+    errors.add(error_record(reason, key, json_path, detail))
 
 
 def load_box_json(json_path: str | Path, image_root: str | Path, keep_empty: bool) -> BoxDataset:
@@ -548,12 +548,7 @@ class _BoxImages(Dataset):
         try:
             image = read_image(rec.file)
         except (OSError, ValueError) as e:
-            return {
-                ERROR_FIELD: "unreadable_image",
-                "__key__": rec.file_name,
-                "__url__": str(rec.file),
-                "detail": str(e),
-            }
+            return error_record("unreadable_image", rec.file_name, str(rec.file), str(e))
         h, w = image.shape[-2:]
         boxes = torch.tensor(rec.boxes, dtype=torch.float32).reshape(-1, 4)
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)

@@ -12,10 +12,9 @@ from torch import nn
 
 from data_prep import emojiworld
 from pipelines import export_detectron2 as export_cli
-from regionclip.config import ClipModelConfig, load_config
+from regionclip.config import ClipModelConfig
 from regionclip.models.loading import load_clip
 from regionclip.models.region import RegionEncoder
-from regionclip.proposals import build_proposal_network, save_rpn
 from regionclip.text import save_embeddings
 from regionclip.transfer.engine import TransferError
 
@@ -37,29 +36,15 @@ CONFIG = "configs/detectron2/EmojiWorld-C4.yaml"
 RN_EMOJI_BATCHNORMS = 3 + 4 * 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Toy-sized convolutions run fastest on one thread, above all on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def world(tmp_path_factory: pytest.TempPathFactory, tiny_rpn_dir: Path) -> dict:
     """EmojiWorld tiny (64 px, 12 base / 4 novel), a tiny random RPN, and an RN-emoji "student"
     with random BatchNorm statistics, exported with the CLI (weights + class embeddings)."""
     root = tmp_path_factory.mktemp("d2")
     assert emojiworld.main(["--config", "configs/tiny.yaml", f"output_dir={root}"]) == 0
-    rpn_cfg = load_config(
-        None,
-        [f"rpn.out_dir={root / 'rpn'}", "rpn.backbone=resnet18", "rpn.norm=bn", "rpn.fpn_levels=[3,4]",
-         "rpn.fpn_channels=16", "rpn.min_size=64", "rpn.max_size=64", "rpn.anchor_sizes=[16,32,64]",
-         "rpn.pre_nms_top_n_test=100", "rpn.post_nms_top_n_test=30"],
-    ).rpn  # fmt: skip
-    torch.manual_seed(0)
-    save_rpn(build_proposal_network(rpn_cfg), rpn_cfg, rpn_cfg.out_dir)
 
     loaded = load_clip(ClipModelConfig(model="RN-emoji", model_config="configs/models/RN-emoji.json"))
     gen = torch.Generator().manual_seed(1)
@@ -72,7 +57,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = root / "export" / "student.pth"
     assert export_cli.main(["--student", str(root / "student"), "--out", str(out),
                             "--class-json", str(ew / "val.json"), "--templates", "single"]) == 0  # fmt: skip
-    return {"root": root, "ew": ew, "rpn": rpn_cfg.out_dir, "student": loaded.model, "ckpt": out}
+    return {"root": root, "ew": ew, "rpn": tiny_rpn_dir, "student": loaded.model, "ckpt": out}
 
 
 def _opts(world: dict, out_dir: Path, **extra) -> list[str]:

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 
 from data_prep import emojiworld
 from pipelines import transfer as transfer_pipeline
-from regionclip.config import TransferConfig, load_config
-from regionclip.proposals import build_proposal_network, save_rpn
+from regionclip.config import TransferConfig
 from regionclip.text import save_embeddings
 from regionclip.transfer import TextClassifier, TransferError, ov_classification_loss
 from regionclip.transfer.engine import select_embeddings
@@ -172,22 +171,14 @@ def test_eval_mode_returns_at_most_the_per_image_limit(detector):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, tiny_clip) -> dict:
+def world(tmp_path_factory: pytest.TempPathFactory, tiny_clip, tiny_rpn_dir: Path) -> dict:
     """EmojiWorld tiny (16 det-train / 16 val images at 64 px), a tiny random RPN and teacher."""
     root = tmp_path_factory.mktemp("transfer")
     assert emojiworld.main(["--config", "configs/tiny.yaml", f"output_dir={root}"]) == 0
-    rpn_cfg = load_config(
-        None,
-        [f"rpn.out_dir={root / 'rpn'}", "rpn.backbone=resnet18", "rpn.norm=bn", "rpn.fpn_levels=[3,4]",
-         "rpn.fpn_channels=16", "rpn.min_size=64", "rpn.max_size=64", "rpn.anchor_sizes=[16,32,64]",
-         "rpn.pre_nms_top_n_test=100", "rpn.post_nms_top_n_test=30"],
-    ).rpn  # fmt: skip
-    torch.manual_seed(0)
-    save_rpn(build_proposal_network(rpn_cfg), rpn_cfg, rpn_cfg.out_dir)
     name, model_config = tiny_clip
     argv = [
         "--config", "configs/tiny.yaml", f"output_dir={root}", "device=cpu",
-        f"teacher.model={name}", f"teacher.model_config={model_config}", f"rpn.out_dir={root / 'rpn'}",
+        f"teacher.model={name}", f"teacher.model_config={model_config}", f"rpn.out_dir={tiny_rpn_dir}",
         "transfer.train_short_sides=[64]", "transfer.test_short_side=64", "transfer.max_side=64",
         "transfer.templates=single", "transfer.batch_size=4", "transfer.steps=3",
         "transfer.batch_size_per_image=16", "transfer.eval_batch_size=8",

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from regionclip.config import TransferConfig, section_hash, to_dict
-from regionclip.data.shards import ERROR_FIELD, SampleErrors
+from regionclip.data.shards import ERROR_FIELD, SampleErrors, error_record
 from regionclip.evaluation import coco_ap_by_split
 from regionclip.models.loading import WEIGHTS_FILE as CLIP_WEIGHTS_FILE
 from regionclip.models.loading import LoadedClip, load_clip
@@ -196,12 +196,7 @@ class _TrainImages(Dataset):
         try:
             pil = _load_image(rec.file)
         except (OSError, ValueError) as e:
-            return {
-                ERROR_FIELD: "unreadable_image",
-                "__key__": rec.file_name,
-                "__url__": str(rec.file),
-                "detail": str(e),
-            }
+            return error_record("unreadable_image", rec.file_name, str(rec.file), str(e))
         w, h = pil.size
         boxes = torch.tensor(rec.boxes, dtype=torch.float32).reshape(-1, 4)
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
