@@ -15,7 +15,7 @@ EMOJI_FONT ?=
 DEBIAN_EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 STAMP := $(VENV)/.installed
 
-.PHONY: install font test lint demo demo-data data validate concepts rpn pseudolabel pretrain teacher transfer eval detect bench clean
+.PHONY: install install-detectron2 font test lint demo demo-data data validate concepts rpn pseudolabel pretrain teacher transfer eval detect bench clean
 
 install: $(STAMP)
 
@@ -25,6 +25,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
+
+# Detectron2 for the plugin (regionclip/transfer/detectron2): upstream at a pinned commit (release
+# v0.6 does not import with Pillow >= 10), built against the installed torch, hence no build
+# isolation; compiling its C++ ops takes minutes. DETECTRON2_SPEC=path/to/detectron2-*.whl
+# installs a prebuilt wheel instead (CI does, from ../shared/wheels).
+DETECTRON2_COMMIT := 02b5c4e295e990042a714712c21dc79b731e8833
+DETECTRON2_SPEC ?= git+https://github.com/facebookresearch/detectron2@$(DETECTRON2_COMMIT)
+install-detectron2: install
+	$(PY) -m pip install -q --no-build-isolation '$(DETECTRON2_SPEC)'
+	$(PY) -c "import detectron2, os; print('detectron2', detectron2.__version__, 'from', os.path.dirname(detectron2.__file__))"
 
 # Noto Color Emoji for EmojiWorld: EMOJI_FONT=path wins, then the Debian package (installed when root).
 font:

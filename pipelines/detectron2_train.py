@@ -3,47 +3,39 @@
     python -m pipelines.detectron2_train --config-file configs/detectron2/EmojiWorld-C4.yaml \\
         [--eval-only] [--resume] [--num-gpus N] [KEY VALUE ...]
 
-Needs Detectron2 (installed from source, see docs/detectron2.md). Registers the COCO-format
-datasets of ``DATASETS.REGISTER_COCO``, then runs Detectron2's ``DefaultTrainer`` (with
-:class:`~regionclip.transfer.detectron2.train.RegionCLIPTrainer`'s data and evaluator) under
-``launch``; ``--eval-only`` loads ``MODEL.WEIGHTS`` and evaluates every ``DATASETS.TEST``
-with its own vocabulary. Metrics go to ``OUTPUT_DIR/inference/<dataset>/metrics.json``.
-Exit status: 0 done, 1 bad input.
+Needs Detectron2 (docs/detectron2.md). Registers the COCO-format datasets of
+``DATASETS.REGISTER_COCO``, then runs :class:`~regionclip.transfer.detectron2.train.RegionCLIPTrainer`
+under Detectron2's ``launch``; ``--eval-only`` loads ``MODEL.WEIGHTS`` and evaluates every
+``DATASETS.TEST`` with its own vocabulary. Metrics go to ``OUTPUT_DIR/inference/<dataset>/metrics.json``.
+Exit status: 0 done, 1 bad input or Detectron2 missing.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from collections.abc import Sequence
 
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import default_argument_parser, default_setup, launch
-
 from regionclip.proposals import ProposalError
-from regionclip.transfer.detectron2.data import register_datasets
-from regionclip.transfer.detectron2.train import RegionCLIPTrainer, setup_cfg
 from regionclip.transfer.engine import TransferError
 
-
-def run(args):
-    """One process's work (``launch`` calls it in every worker): train, or evaluate with --eval-only."""
-    cfg = setup_cfg(args.config_file, args.opts)
-    default_setup(cfg, args)
-    register_datasets(cfg)
-    if args.eval_only:
-        model = RegionCLIPTrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
-        return RegionCLIPTrainer.test(cfg, model)
-    trainer = RegionCLIPTrainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+MISSING = (
+    "error: python -m pipelines.detectron2_train needs Detectron2, which is not installed in this "
+    "Python: run `make install-detectron2` (docs/detectron2.md)"
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if importlib.util.find_spec("detectron2") is None:
+        print(MISSING, file=sys.stderr)
+        return 1
+    from detectron2.engine import default_argument_parser, launch
+
+    from regionclip.transfer.detectron2.train import check_inputs, run, setup_cfg
+
     args = default_argument_parser().parse_args(argv)
     try:
+        check_inputs(setup_cfg(args.config_file, args.opts), args.eval_only, args.resume)
         launch(
             run,
             args.num_gpus,

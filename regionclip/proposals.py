@@ -277,6 +277,8 @@ def _config_from_dict(data: Any, source: str) -> RPNConfig:
 def load_rpn(path: str | Path, device: str | torch.device = "cpu") -> ProposalNetwork:
     """Load a network written by :func:`save_rpn` (its folder or its ``rpn.safetensors``), in eval mode."""
     path = Path(path)
+    if not path.exists():
+        raise ProposalError(f"no RPN at {path}: no such folder or file (train one with `make rpn`)")
     weights = path / WEIGHTS_FILE if path.is_dir() else path
     meta_file = weights.with_suffix(".json")
     try:

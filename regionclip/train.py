@@ -72,7 +72,7 @@ from regionclip.student import (
     collate_pretrain,
     compute_losses,
 )
-from regionclip.utils import atomic_write_json, resolve_device, sha256_file
+from regionclip.utils import apply_umask, atomic_write_json, resolve_device, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -306,6 +306,7 @@ def _save_checkpoint(
     acc.wait_for_everyone()
     if acc.is_main_process:
         atomic_write_json(tmp / "state.json", state)
+        apply_umask(tmp)  # Accelerate writes model.safetensors owner-only
         if final.exists():  # a rerun after a crash between this rename and the next step
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -1,4 +1,4 @@
-"""Small shared helpers: device choice, file hashing, atomic writes."""
+"""Small shared helpers: device choice, file hashing, atomic writes, umask-respecting modes."""
 
 from __future__ import annotations
 
@@ -40,18 +40,52 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def process_umask() -> int:
+    """The process's umask (read without changing it where /proc allows; threads may be running)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` (and, for a folder, everything in it) the mode a plain ``open`` would.
+
+    Some writers create owner-only files (safetensors writes 0600, ``mkdtemp`` makes 0700
+    folders); outputs should be readable by whoever the user's umask lets read them.
+    """
+    path = Path(path)
+    mask = process_umask()
+    if not path.is_dir():
+        os.chmod(path, 0o666 & ~mask)
+        return
+    os.chmod(path, 0o777 & ~mask)
+    for root, dirs, files in os.walk(path):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one step.
 
     Readers never see a half-written file: on error the temporary file is removed and an
-    existing ``path`` is left untouched.
+    existing ``path`` is left untouched. The result gets the umask's mode whatever the writer
+    chose (:func:`apply_umask`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        apply_umask(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

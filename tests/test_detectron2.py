@@ -1,9 +1,12 @@
 """Detectron2 plugin: export → load (no missing backbone keys, BN statistics kept), the box head
-against RegionEncoder, vocabulary handling, and 2 training iterations + evaluation on EmojiWorld."""
+against RegionEncoder, vocabulary handling, one-line errors, the EmojiWorld recipe learning, and
+2 training iterations + evaluation on EmojiWorld. Skipped without Detectron2, except under
+REGIONCLIP_REQUIRE_DETECTRON2=1 (CI), where a missing Detectron2 is an error."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -18,9 +21,10 @@ from regionclip.models.region import RegionEncoder
 from regionclip.text import save_embeddings
 from regionclip.transfer.engine import TransferError
 
-pytest.importorskip(
-    "detectron2", reason="Detectron2 is not installable from PyPI; see README 'Detectron2 transfer'"
-)
+if os.environ.get("REGIONCLIP_REQUIRE_DETECTRON2") == "1":
+    import detectron2  # noqa: F401  (CI installs it: there a skip would hide the plugin's failures)
+else:
+    pytest.importorskip("detectron2", reason="Detectron2 is not installed: make install-detectron2")
 
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.layers import FrozenBatchNorm2d  # noqa: E402
@@ -29,7 +33,7 @@ from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 from pipelines import detectron2_train  # noqa: E402
-from regionclip.transfer.detectron2 import register_datasets, setup_cfg  # noqa: E402
+from regionclip.transfer.detectron2 import RegionCLIPTrainer, register_datasets, setup_cfg  # noqa: E402
 
 CONFIG = "configs/detectron2/EmojiWorld-C4.yaml"
 # RN-emoji: 3 stem BNs + 4 stages x 1 Bottleneck x (bn1, bn2, bn3, downsample BN)
@@ -267,19 +271,74 @@ def test_missing_images_are_named_at_registration(world: dict, tmp_path: Path):
         register_datasets(cfg)
 
 
+def _main_error(argv: list[str], capsys) -> str:
+    """``detectron2_train.main(argv)`` must fail with exit 1 and one ``error:`` line, no traceback."""
+    capsys.readouterr()
+    assert detectron2_train.main(argv) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len([line for line in lines if line.startswith("error: ")]) == 1 and "Traceback" not in err, err
+    return next(line for line in lines if line.startswith("error: "))
+
+
+def test_bad_weights_architecture_and_rpn_are_one_line_naming_the_key(world: dict, tmp_path: Path, capsys):
+    def argv(**extra):
+        return ["--config-file", CONFIG, *_opts(world, tmp_path, **extra)]
+
+    err = _main_error(argv(**{"MODEL.WEIGHTS": str(tmp_path / "nope.pth")}), capsys)
+    assert f"MODEL.WEIGHTS={tmp_path / 'nope.pth'}: no such file" in err
+    err = _main_error(
+        argv(**{"MODEL.CLIP.OPENCLIP_MODEL": "RN-unregistered", "MODEL.CLIP.OPENCLIP_MODEL_CONFIG": ""}),
+        capsys,
+    )
+    assert "MODEL.CLIP.OPENCLIP_MODEL='RN-unregistered' is not an open_clip architecture" in err
+    assert str(world["ckpt"].with_name("student.open_clip.json")) in err  # the file the exporter wrote
+    err = _main_error(argv(**{"MODEL.CLIP.RPN_DIR": str(tmp_path / "no_rpn")}), capsys)
+    assert f"MODEL.CLIP.RPN_DIR: no RPN at {tmp_path / 'no_rpn'}: no such folder" in err
+    err = _main_error(argv(**{"MODEL.CLIP.TEXT_EMB_PATH": str(tmp_path / "none.safetensors")}), capsys)
+    assert "MODEL.CLIP.TEXT_EMB_PATH: " in err and "none.safetensors" in err
+    err = _main_error(["--config-file", str(tmp_path / "missing.yaml")], capsys)
+    assert f"--config-file {tmp_path / 'missing.yaml'}: no such file" in err
+
+
+def test_emojiworld_recipe_loss_falls_and_detections_come_out(world: dict, tmp_path: Path):
+    """The yaml's own recipe (temperature 0.2, 16 RoIs, 30 proposals): 12 seeded iterations.
+    RegionCLIP's 0.01 on this CLIP made the loss jump tenfold and left 0 detections."""
+    cfg = setup_cfg(CONFIG, _opts(world, tmp_path, **{
+        "SEED": "0", "SOLVER.IMS_PER_BATCH": "4", "SOLVER.MAX_ITER": "12", "SOLVER.STEPS": "()",
+        "TEST.EVAL_PERIOD": "0", "SOLVER.CHECKPOINT_PERIOD": "1000",
+    }))  # fmt: skip
+    assert cfg.MODEL.CLIP.CLSS_TEMP == pytest.approx(0.2) and cfg.MODEL.CLIP.MAX_PROPOSALS == 30
+    register_datasets(cfg)
+    trainer = RegionCLIPTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    losses = [v for v, _ in trainer.storage.history("total_loss").values()]
+    assert len(losses) == 12
+    assert max(losses) <= 1.1 * losses[0], losses  # no blow-up
+    assert sum(losses[-4:]) < 0.8 * sum(losses[:4]), losses  # falling
+    metrics = json.loads((tmp_path / "inference" / "rc_emoji_val" / "metrics.json").read_text())
+    assert metrics["eval"]["images"] == 16 and metrics["eval"]["detections"] > 0
+
+
 # --------------------------------------------------------------------------------------------
 # Training and evaluation, end to end
 # --------------------------------------------------------------------------------------------
 
 
-def test_two_iterations_then_eval_only_from_the_saved_model(world: dict, tmp_path: Path):
+def test_two_iterations_then_eval_only_from_the_saved_model(world: dict, tmp_path: Path, capsys):
     # near-uniform class scores keep every class above the score threshold: the detections then
     # show that the test vocabulary (base + novel) replaced the training one (base)
     common = {"MODEL.CLIP.CLSS_TEMP": "1.0", "TEST.DETECTIONS_PER_IMAGE": "1000", "SOLVER.IMS_PER_BATCH": "2",
               "SOLVER.MAX_ITER": "2", "SOLVER.STEPS": "()", "SOLVER.WARMUP_ITERS": "1",
               "SOLVER.CHECKPOINT_PERIOD": "1000", "TEST.EVAL_PERIOD": "0"}  # fmt: skip
     argv = ["--config-file", CONFIG, *_opts(world, tmp_path / "train", **common)]
+    capsys.readouterr()
     assert detectron2_train.main(argv) == 0
+    # the evaluator's summary line reaches the console and log.txt, beside Detectron2's own lines
+    summary = "rc_emoji_val: 16 images, "
+    assert summary in capsys.readouterr().out
+    assert summary in (tmp_path / "train" / "log.txt").read_text()
     out = tmp_path / "train" / "inference" / "rc_emoji_val"
     metrics = json.loads((out / "metrics.json").read_text())
     for split in ("all", "base", "novel"):

@@ -16,6 +16,7 @@ from pipelines import demo
 from regionclip.data.shards import SampleErrors, iter_image_text
 from regionclip.demo import flatten
 from regionclip.proposals import load_rpn
+from regionclip.utils import process_umask
 
 pytestmark = pytest.mark.slow
 
@@ -106,6 +107,20 @@ def test_every_stage_writes_well_formed_outputs(tiny_run):
         assert metrics["finished"] and metrics["tag"] == tag
     regionclip_init = json.loads((out / "transfer" / "regionclip" / "metrics.json").read_text())["init"]
     assert regionclip_init["pretrained"] == str(out / "student" / "final")
+
+
+def test_every_output_has_the_mode_the_umask_gives(tiny_run):
+    """Colleagues on a shared machine can read a student, an RPN or a concept pool as the umask says."""
+    out, _ = tiny_run
+    mask = process_umask()
+    modes = {p: p.stat().st_mode & 0o777 for p in out.rglob("*")}
+    wrong = {
+        str(p.relative_to(out)): oct(m)
+        for p, m in modes.items()
+        if m != (0o777 if p.is_dir() else 0o666) & ~mask
+    }
+    assert wrong == {}
+    assert any(p.suffix == ".safetensors" for p in modes)
 
 
 def test_results_have_every_figure(tiny_run):

@@ -37,7 +37,7 @@ import safetensors.torch
 import torch
 
 from regionclip.config import ClipModelConfig
-from regionclip.utils import resolve_device, sha256_file
+from regionclip.utils import apply_umask, resolve_device, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -363,10 +363,10 @@ def save_clip_checkpoint(
     }
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
     try:
         safetensors.torch.save_file(state, str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        apply_umask(tmp)  # mkdtemp and safetensors make owner-only entries
         if out_dir.exists():
             # A directory cannot be replaced in one step: park the old one, swap, then delete it.
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))

@@ -71,6 +71,13 @@ def register_datasets(cfg) -> list[str]:
             thing_classes=[c["name"] for c in categories],
             thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(categories)},
         )
+        ids = [c["id"] for c in categories]
+        if ids != list(range(1, len(ids) + 1)):
+            log.info(
+                "%s: its %d category ids (%d to %d) map to class indices 0-%d in id order; Detectron2 "
+                "warns 'Category ids in annotations are not in [1, #categories]' about this expected mapping",
+                name, len(ids), ids[0], ids[-1], len(ids) - 1,
+            )  # fmt: skip
         names.append(name)
     return names
 

@@ -50,10 +50,10 @@ from open_clip.modified_resnet import ModifiedResNet
 from torch import Tensor, nn
 
 from regionclip.models.region import attention_pool
-from regionclip.proposals import ProposalNetwork, load_rpn
+from regionclip.proposals import ProposalError, ProposalNetwork, load_rpn
 from regionclip.text import load_embeddings
 from regionclip.transfer.classifier import TextClassifier, ov_classification_loss
-from regionclip.transfer.detectron2.export import read_arch
+from regionclip.transfer.detectron2.export import ARCH_SUFFIX, read_arch, sidecar
 from regionclip.transfer.engine import TransferError, select_embeddings
 from regionclip.transfer.torchvision_rcnn import freeze_stages
 
@@ -68,12 +68,20 @@ def clip_arch(cfg) -> dict:
     """The open_clip architecture dict of ``MODEL.CLIP`` (a JSON file, else a registered name)."""
     clip = cfg.MODEL.CLIP
     if clip.OPENCLIP_MODEL_CONFIG:
-        return read_arch(clip.OPENCLIP_MODEL_CONFIG)
+        try:
+            return read_arch(clip.OPENCLIP_MODEL_CONFIG)
+        except ValueError as e:
+            raise TransferError(f"MODEL.CLIP.OPENCLIP_MODEL_CONFIG: {e}") from None
     arch = open_clip.get_model_config(clip.OPENCLIP_MODEL)
     if arch is None:
-        raise ValueError(
-            f"MODEL.CLIP.OPENCLIP_MODEL={clip.OPENCLIP_MODEL!r} is not an open_clip architecture; set "
-            "MODEL.CLIP.OPENCLIP_MODEL_CONFIG to a JSON file (the exporter writes model.open_clip.json)"
+        written = (
+            str(sidecar(cfg.MODEL.WEIGHTS, ARCH_SUFFIX))
+            if cfg.MODEL.WEIGHTS
+            else f"<weights stem>{ARCH_SUFFIX}"
+        )
+        raise TransferError(
+            f"MODEL.CLIP.OPENCLIP_MODEL={clip.OPENCLIP_MODEL!r} is not an open_clip architecture: set "
+            f"MODEL.CLIP.OPENCLIP_MODEL_CONFIG to its JSON file (the exporter writes {written})"
         )
     return arch
 
@@ -105,17 +113,18 @@ def dataset_classes(name: str) -> list[str]:
     return list(classes)
 
 
-def vocabulary(embeddings_file: str, dataset: str) -> Tensor:
-    """``[C, D]`` rows of ``embeddings_file`` for the classes of ``dataset``, in its contiguous order."""
+def vocabulary(embeddings_file: str, dataset: str, key: str = "MODEL.CLIP.TEXT_EMB_PATH") -> Tensor:
+    """``[C, D]`` rows of ``embeddings_file`` (the value of config ``key``) for the classes of
+    ``dataset``, in its contiguous order."""
     if not embeddings_file:
         raise TransferError(
-            "MODEL.CLIP.TEXT_EMB_PATH is empty: write class embeddings with "
+            f"{key} is empty: write class embeddings with "
             "`python -m pipelines.export_detectron2 ... --class-json JSON`"
         )
     try:
         emb, names, _ = load_embeddings(embeddings_file)
     except (OSError, ValueError) as e:
-        raise TransferError(str(e)) from e
+        raise TransferError(f"{key}: {e}") from None
     source = MetadataCatalog.get(dataset).get("json_file") or f"dataset {dataset!r}"
     return select_embeddings(emb, names, dataset_classes(dataset), embeddings_file, source)
 
@@ -123,7 +132,9 @@ def vocabulary(embeddings_file: str, dataset: str) -> Tensor:
 def test_vocabulary(cfg, dataset: str) -> Tensor:
     """The inference vocabulary for ``dataset``: ``OPENSET_TEST_TEXT_EMB_PATH`` or ``TEXT_EMB_PATH``."""
     clip = cfg.MODEL.CLIP
-    return vocabulary(clip.OPENSET_TEST_TEXT_EMB_PATH or clip.TEXT_EMB_PATH, dataset)
+    if clip.OPENSET_TEST_TEXT_EMB_PATH:
+        return vocabulary(clip.OPENSET_TEST_TEXT_EMB_PATH, dataset, "MODEL.CLIP.OPENSET_TEST_TEXT_EMB_PATH")
+    return vocabulary(clip.TEXT_EMB_PATH, dataset)
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,11 +425,13 @@ class RegionCLIPRCNN(GeneralizedRCNN):
     def from_config(cls, cfg):
         backbone = build_backbone(cfg)
         clip = cfg.MODEL.CLIP
-        offline = (
-            OfflineProposals(load_rpn(clip.RPN_DIR), clip.MAX_PROPOSALS, cfg.INPUT.FORMAT)
-            if clip.RPN_DIR
-            else None
-        )
+        offline = None
+        if clip.RPN_DIR:
+            try:
+                rpn = load_rpn(clip.RPN_DIR)
+            except ProposalError as e:
+                raise TransferError(f"MODEL.CLIP.RPN_DIR: {e}") from None
+            offline = OfflineProposals(rpn, clip.MAX_PROPOSALS, cfg.INPUT.FORMAT)
         return {
             "backbone": backbone,
             "proposal_generator": None if offline else build_proposal_generator(cfg, backbone.output_shape()),

@@ -3,13 +3,18 @@
 Differs from ``DefaultTrainer`` in the data (bicubic resizing), the evaluator
 (:class:`~regionclip.transfer.detectron2.data.OVDEvaluator`) and in :meth:`test`, which sets
 each test dataset's own vocabulary (its ``thing_classes``) before evaluating it.
+:func:`check_inputs` and :func:`run` are what the entry point calls before and inside
+Detectron2's ``launch``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import OrderedDict
+from pathlib import Path
 
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import (
     DatasetMapper,
@@ -17,21 +22,73 @@ from detectron2.data import (
     build_detection_test_loader,
     build_detection_train_loader,
 )
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from regionclip.transfer.detectron2.config import add_regionclip_config
-from regionclip.transfer.detectron2.data import OVDEvaluator, clip_augmentations
-from regionclip.transfer.detectron2.modeling import test_vocabulary
+from regionclip.transfer.detectron2.data import OVDEvaluator, clip_augmentations, register_datasets
+from regionclip.transfer.detectron2.modeling import clip_arch, test_vocabulary
+from regionclip.transfer.engine import TransferError
 
 
 def setup_cfg(config_file: str, opts: list[str]):
     """Detectron2 defaults + the plugin's keys + ``config_file`` + ``opts`` (KEY VALUE ...), frozen."""
     cfg = add_regionclip_config(get_cfg())
     if config_file:
+        if not Path(config_file).is_file():
+            raise TransferError(f"--config-file {config_file}: no such file")
         cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
     cfg.freeze()
     return cfg
+
+
+def check_inputs(cfg, eval_only: bool, resume: bool) -> None:
+    """Fail before any process starts when the weights file or the architecture is missing.
+
+    Raises:
+        TransferError: naming the config key (``MODEL.WEIGHTS``, ``MODEL.CLIP.OPENCLIP_MODEL*``).
+    """
+    weights = cfg.MODEL.WEIGHTS
+    resuming = resume and (Path(cfg.OUTPUT_DIR) / "last_checkpoint").is_file()
+    if eval_only and not weights:
+        raise TransferError("--eval-only needs MODEL.WEIGHTS: the checkpoint to evaluate")
+    if weights and "://" not in weights and not resuming and not Path(weights).is_file():
+        raise TransferError(
+            f"MODEL.WEIGHTS={weights}: no such file (write one with `python -m pipelines.export_detectron2`, "
+            "or pass a trained model_final.pth)"
+        )
+    clip_arch(cfg)
+
+
+def log_to_output_dir(output_dir: str) -> None:
+    """The project's own messages (the evaluator's summary line) in the console and ``log.txt``,
+    beside Detectron2's: its ``default_setup`` configures only its own loggers."""
+    logger = logging.getLogger("regionclip")
+    for handler in list(logger.handlers):  # an earlier run in this process logged elsewhere
+        logger.removeHandler(handler)
+    setup_logger(output_dir, distributed_rank=comm.get_rank(), name="regionclip", abbrev_name="rc",
+                 enable_propagation=True)  # fmt: skip
+
+
+def run(args):
+    """One process's work (``launch`` calls it in every worker), from Detectron2's
+    ``default_argument_parser`` arguments: train, or with ``--eval-only`` evaluate every
+    ``DATASETS.TEST`` with its own vocabulary."""
+    cfg = setup_cfg(args.config_file, args.opts)
+    default_setup(cfg, args)
+    log_to_output_dir(cfg.OUTPUT_DIR)
+    register_datasets(cfg)
+    if args.eval_only:
+        model = RegionCLIPTrainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        return RegionCLIPTrainer.test(cfg, model)
+    trainer = RegionCLIPTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
 
 
 class RegionCLIPTrainer(DefaultTrainer):
