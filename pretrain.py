@@ -1,4 +1,4 @@
-"""Student pretraining (DESIGN §1 step 4): ``regionclip.train.train`` behind the usual arguments.
+"""Student pretraining: :func:`regionclip.stages.pretrain.train` behind the usual arguments.
 
     python pretrain.py --config configs/demo.yaml [key=value ...]                 # one process
     accelerate launch pretrain.py --config configs/cc3m-rn50.yaml [key=value ...]  # GPUs, nodes
@@ -16,6 +16,9 @@ import sys
 from collections.abc import Sequence
 
 from regionclip.cli import config_from_argv
+from regionclip.errors import TrainingError
+from regionclip.stages.inputs import pretrain_inputs
+from regionclip.stages.pretrain import check_config, train
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -24,15 +27,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint file otherwise
-    from regionclip.train import TrainingError, check_config, train
-
     try:
         check_config(cfg.pretrain)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        train(cfg)
+        train(cfg.pretrain, pretrain_inputs(cfg), cfg.device)
     except (ValueError, FileNotFoundError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

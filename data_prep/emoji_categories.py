@@ -2,7 +2,7 @@
 
 Names follow the Unicode/CLDR short names, simplified to the common noun a caption would use
 ("apple" for RED APPLE, "car" for AUTOMOBILE, "tennis ball" for TENNIS) so that spaCy's
-noun-chunk concept rule (root lemma with its compounds in front, DESIGN §4) recovers every name
+noun-chunk concept rule (root lemma with its compounds in front) recovers every name
 from a caption, singular or plural; tests/test_emojiworld.py checks this. The most visually
 distinct categories come first, because a config takes the first ``num_categories``.
 """

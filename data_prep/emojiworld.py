@@ -1,4 +1,4 @@
-"""EmojiWorld: a synthetic open-vocabulary detection world made of colour emoji (DESIGN §6).
+"""EmojiWorld: a synthetic open-vocabulary detection world made of colour emoji (docs/design.md).
 
     python -m data_prep.emojiworld --config configs/demo.yaml [--force] [key=value ...]
 
@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from data_prep.emoji_categories import CATEGORIES, EMOJI, SCENE_PHRASES, plural
-from regionclip.cli import config_from_argv
+from regionclip.cli import config_from_argv, reports_errors
 from regionclip.config import EmojiWorldConfig, ExperimentConfig, section_hash
 from regionclip.data.shards import ShardInfo, ShardWriter, encode_image, image_text_sample
 
@@ -660,14 +660,11 @@ def _flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+@reports_errors(EmojiWorldError)
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit status: 0 done (or up to date), 1 cannot generate (e.g. no font), 2 bad config or arguments."""
-    cfg, args = config_from_argv(argv, "Generate the EmojiWorld dataset (DESIGN §6).", _flags)
-    try:
-        generate(cfg, force=args.force)
-    except EmojiWorldError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    cfg, args = config_from_argv(argv, "Generate the EmojiWorld dataset (docs/design.md).", _flags)
+    generate(cfg, force=args.force)
     return 0
 
 

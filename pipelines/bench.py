@@ -13,116 +13,16 @@ recorded next to its figures. Exit status: 0 done, 2 usage error.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shlex
 import sys
 import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-from regionclip.benchmarks import Benchmark, machine_info, render_markdown, run_in_subprocess
+from regionclip.benchmarks import machine_info, render_markdown
+from regionclip.benchmarks.suite import BENCHMARKS, load_results, run_one
 from regionclip.utils import atomic_write_json, atomic_write_text
-
-BENCHMARKS: dict[str, Benchmark] = {
-    "reader": Benchmark(
-        "regionclip.benchmarks.reader:bench_reader",
-        {
-            "reader_images_per_s": (
-                "images/s",
-                "decoded 128x128 JPEG samples, `iter_image_text`, one process",
-            ),
-            "reader_images_per_s_workers2": (
-                "images/s",
-                "the same through `make_loader`, 2 DataLoader workers",
-            ),
-            "reader_peak_rss_gib": (
-                "GiB",
-                "peak RSS of the benchmark process (shard writing + one-process reading; "
-                "each DataLoader worker's own peak is `children_peak_rss_gib` in bench.json)",
-            ),
-        },
-        "Shard reading of EmojiWorld-sized samples (smooth random 128 px JPEG q90 + caption + json), "
-        "decoded to RGB PIL images with the bad-sample checks on; DataLoader worker start-up included.",
-    ),
-    "concepts": Benchmark(
-        "regionclip.benchmarks.concepts:bench_concepts",
-        {
-            "concepts_parse_speedup": (
-                "x",
-                "concept parsing speed-up of `CaptionParser` over a naive spaCy loop",
-            ),
-            "concepts_naive_captions_per_s": ("captions/s", "naive loop: `nlp(caption)` per caption"),
-            "concepts_fast_captions_per_s": ("captions/s", "`CaptionParser` (batched, cached)"),
-            "concepts_peak_rss_gib": (
-                "GiB",
-                "peak RSS of the benchmark process (both spaCy pipelines loaded)",
-            ),
-        },
-        "Concept parsing on synthetic EmojiWorld-like captions; both paths must give identical counts.",
-    ),
-    "pseudolabel": Benchmark(
-        "regionclip.benchmarks.pseudolabel:bench_pseudolabel",
-        {
-            "pseudolabel_floor_ratio": (
-                "x",
-                "RN50 size: stage images/s / forward-only floor (RN50 teacher + R50-FPN RPN, 800 px)",
-            ),
-            "rn50_stage_images_per_s": ("images/s", "RN50 size: `label_shard` end to end"),
-            "pseudolabel_demo_floor_ratio": ("x", "demo size: stage / floor (RN-emoji + R18-FPN, 128 px)"),
-            "demo_stage_images_per_s": ("images/s", "demo size: `label_shard` end to end"),
-            "pseudolabel_peak_rss_gib": (
-                "GiB",
-                "peak RSS of the benchmark process (RN50 size dominates: RN50 teacher + R50-FPN RPN at 800 px)",
-            ),
-        },
-        "Pseudo-label stage (read, decode, RPN, 100 sampled regions, teacher, assignment, shard "
-        "writing) against the RPN + teacher forwards alone on pre-decoded in-memory images, same "
-        "batches and boxes; random weights, medians of alternating repeats.",
-    ),
-    "pretrain": Benchmark(
-        "regionclip.benchmarks.pretrain:bench_pretrain",
-        {
-            "pretrain_offline_vs_online": (
-                "x",
-                "RN50 size: online step time / offline step time (offline speed-up; target >= 1.5, "
-                "DESIGN §7: >= 2 against RegionCLIP's 44.2 s step)",
-            ),
-            "rn50_offline_step_s": ("s", "RN50 size: full step with stored pseudo-labels"),
-            "rn50_online_step_s": (
-                "s",
-                "RN50 size: full step with RPN + teacher inside (RegionCLIP's design)",
-            ),
-            "rn50_online_label_s": ("s", "RN50 size: the RPN + teacher + assignment part of the online step"),
-            "rn50_offline_images_per_s": ("images/s", "RN50 size: offline step throughput"),
-            "rn50_online_images_per_s": ("images/s", "RN50 size: online step throughput"),
-            "rn50_offline_peak_rss_gib": ("GiB", "RN50 size: peak RSS of the offline process (student only)"),
-            "rn50_online_peak_rss_gib": (
-                "GiB",
-                "RN50 size: peak RSS of the online process (student + teacher + RPN)",
-            ),
-            "pretrain_demo_offline_vs_online": ("x", "demo size: online step time / offline step time"),
-            "demo_offline_step_s": ("s", "demo size: full step with stored pseudo-labels"),
-            "demo_online_step_s": ("s", "demo size: full step with RPN + teacher inside"),
-            "demo_offline_images_per_s": ("images/s", "demo size: offline step throughput"),
-            "demo_online_images_per_s": ("images/s", "demo size: online step throughput"),
-            "demo_offline_peak_rss_gib": ("GiB", "demo size: peak RSS of the offline process"),
-            "demo_online_peak_rss_gib": ("GiB", "demo size: peak RSS of the online process"),
-        },
-        "One full training step (collate, forward, RegionCLIP's three losses, backward, grad-norm clip, "
-        "SGD step; Accelerate as in `pretrain.py`) on the same in-memory batch and the same random "
-        "student: offline from stored pseudo-labels vs online (RPN, 100 of 300 proposals, teacher and "
-        "assignment inside the step). RN50 size: RN50 student and teacher, R50-FPN RPN, batch 2 at "
-        "800x1066, 100 regions per image (keep threshold 0), 4,764 concepts, fp32, 2 threads; demo "
-        "size: `configs/demo.yaml` as it stands (model, RPN, image size, regions, batch, optimizer; pool "
-        "mode, 100 concepts). Each mode in its own process; medians of `repeats` timed steps after "
-        "`warmup` steps.",
-    ),
-}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -151,55 +51,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             )
         args.params[name][param] = yaml.safe_load(value)
     return args
-
-
-def load_results(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        return {"benchmarks": {}}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"cannot read earlier results {path}: {e}; move it away to start afresh") from None
-    data.setdefault("benchmarks", {})
-    return data
-
-
-def _shell_value(v: Any) -> str:
-    """A parameter as typed on the command line: scalars as they are, lists and mappings as quoted JSON."""
-    return shlex.quote(json.dumps(v)) if isinstance(v, (list, dict)) else str(v)
-
-
-def run_one(name: str, bench: Benchmark, out: Path, params: dict[str, Any], machine: dict) -> dict[str, Any]:
-    workdir = out / name
-    workdir.mkdir(parents=True, exist_ok=True)
-    load_before = os.getloadavg()[0]  # other work on the machine makes figures noisy: record it
-    # a fresh process per benchmark: its peak RSS is the stage's own, not what ran before it
-    result = run_in_subprocess(
-        bench.fn, {"workdir": str(workdir), **bench.params, **params}, workdir, "bench"
-    )
-    result[f"{name}_peak_rss_gib"] = result.pop("peak_rss_gib")
-    figures = {k: v for k, v in bench.figures.items() if k in result}
-    if not figures:
-        raise RuntimeError(f"benchmark {name} returned none of its figures; it returned {sorted(result)}")
-    if len(figures) < len(bench.figures):  # a subset asked for by its parameters (e.g. pretrain.only)
-        print(f"{name}: not measured: {', '.join(k for k in bench.figures if k not in figures)}")
-    command = " ".join(
-        [
-            "python -m pipelines.bench",
-            f"--out {out}",
-            f"--only {name}",
-            *(f"{name}.{k}={_shell_value(v)}" for k, v in params.items()),
-        ]
-    )
-    return {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": command,
-        "description": bench.description,
-        "machine": machine,
-        "load_before": round(load_before, 2),
-        "figures": {k: {"value": result[k], "unit": u, "description": d} for k, (u, d) in figures.items()},
-        "details": {k: v for k, v in result.items() if k not in bench.figures},
-    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,8 +13,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from regionclip.cli import config_from_argv
-from regionclip.concepts.build import build_concepts
+from regionclip.cli import config_from_argv, device_from_config
+from regionclip.stages.concepts import build_concepts
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -28,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("regionclip").setLevel(logging.INFO)
     try:
-        summary = build_concepts(cfg, force=args.force)
+        summary = build_concepts(cfg.concepts, cfg.teacher, device_from_config(cfg.device), force=args.force)
     except (ValueError, FileNotFoundError) as e:
         print(f"concepts: error: {e}", file=sys.stderr)
         return 1

@@ -13,6 +13,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from data_prep import emojiworld
+from data_prep.coco import convert_coco
+from data_prep.generic import convert_generic, run_converter
 from regionclip.cli import config_from_argv
 
 SOURCES = ("emojiworld", "coco", "generic")
@@ -32,19 +35,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv, "Convert or generate image-text shards (data_prep.source picks the source).", _flags
     )
     source = cfg.data_prep.source
-    # Converters are imported on demand: each pulls in its own heavy dependencies.
     if source == "coco":
-        from data_prep.coco import convert_coco
-        from data_prep.generic import run_converter
-
         return run_converter(convert_coco, cfg)
     if source == "generic":
-        from data_prep.generic import convert_generic, run_converter
-
         return run_converter(convert_generic, cfg)
     if source == "emojiworld":
-        from data_prep import emojiworld
-
         # Its own entry point: same flags, messages and up-to-date check as `make demo-data`.
         return emojiworld.main(argv) or 0
     print(f"error: data_prep.source={source!r}: expected one of {', '.join(SOURCES)}", file=sys.stderr)

@@ -16,8 +16,8 @@ import importlib.util
 import sys
 from collections.abc import Sequence
 
-from regionclip.proposals import ProposalError
-from regionclip.transfer.engine import TransferError
+from regionclip.cli import reports_errors
+from regionclip.errors import InputError
 
 MISSING = (
     "error: python -m pipelines.detectron2_train needs Detectron2, which is not installed in this "
@@ -25,6 +25,7 @@ MISSING = (
 )
 
 
+@reports_errors(InputError)
 def main(argv: Sequence[str] | None = None) -> int:
     if importlib.util.find_spec("detectron2") is None:
         print(MISSING, file=sys.stderr)
@@ -34,19 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from regionclip.transfer.detectron2.train import check_inputs, run, setup_cfg
 
     args = default_argument_parser().parse_args(argv)
-    try:
-        check_inputs(setup_cfg(args.config_file, args.opts), args.eval_only, args.resume)
-        launch(
-            run,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-        )
-    except (TransferError, ProposalError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    check_inputs(setup_cfg(args.config_file, args.opts), args.eval_only, args.resume)
+    launch(run, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))  # fmt: skip
     return 0
 
 

@@ -16,13 +16,11 @@ COCO jsons embedded by the model's text tower (``model.class_embeddings.safetens
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from regionclip.config import ClipModelConfig
-from regionclip.models.loading import CONFIG_FILE
+from regionclip.models.loading import is_checkpoint_dir, model_config_for
 from regionclip.transfer.detectron2.export import export_student
 
 
@@ -48,24 +46,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_name(student: str) -> str | None:
-    """The model name a checkpoint folder records (``open_clip_config.json`` → ``regionclip.model``)."""
-    conf = Path(student) / CONFIG_FILE
-    if not conf.is_file():
-        return None
-    try:
-        return json.loads(conf.read_text(encoding="utf-8")).get("regionclip", {}).get("model")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    model = args.model or _model_name(args.student)
-    if not model:
+    if args.model:
+        source = ClipModelConfig(model=args.model, pretrained=args.student, model_config=args.model_config)
+    elif is_checkpoint_dir(args.student):
+        source = model_config_for(args.student, args.model_config)
+    else:
         parser.error(f"--model is required: {args.student} is not a checkpoint folder that names its model")
-    source = ClipModelConfig(model=model, pretrained=args.student, model_config=args.model_config)
     try:
         summary = export_student(source, args.out, args.class_json, args.templates)
     except (OSError, ValueError) as e:

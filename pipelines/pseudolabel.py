@@ -5,22 +5,21 @@
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m pipelines.pseudolabel --config FILE ...
 
 Writes one shard per input shard into ``pseudolabel.out_dir`` with a ``<stem>.manifest.json``
-beside it (:mod:`regionclip.pseudolabel`). Process ``r`` of ``n`` takes input shards ``r, r+n, ...``;
+beside it (:mod:`regionclip.stages.pseudolabel`). Process ``r`` of ``n`` takes input shards ``r, r+n, ...``;
 finished shards are skipped on a re-run. Exit status: 0 done, 1 bad input or unreadable input
 shards (a re-run retries them), 2 bad config or arguments.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from regionclip.cli import config_from_argv, device_from_config
-from regionclip.pseudolabel import assign_shards, build_labeler, merge_stats, plan_outputs, run_shards
+from regionclip.cli import stage_setup
+from regionclip.stages.pseudolabel import assign_shards, merge_stats, plan_outputs, prepare_run, run_shards
 
 
 def summary_line(total: dict, seconds: float, world: int, out_dir: str) -> str:
@@ -38,16 +37,16 @@ def summary_line(total: dict, seconds: float, world: int, out_dir: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg, _ = config_from_argv(argv, "Pseudo-label image-text shards with teacher region concepts.")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    device = device_from_config(cfg.device)
+    cfg, _, device = stage_setup(argv, "Pseudo-label image-text shards with teacher region concepts.")
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
     acc = Accelerator(cpu=device.type == "cpu")
     try:
         plan = plan_outputs(cfg.pseudolabel)
-        labeler, identity, _ = build_labeler(cfg, acc.device)
+        labeler, identity = prepare_run(
+            cfg.pseudolabel, cfg.teacher, cfg.rpn.out_dir, cfg.rpn.precomputed, acc.device
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

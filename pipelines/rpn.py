@@ -11,40 +11,26 @@ input, 2 bad config or arguments.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
-from regionclip.cli import config_from_argv, device_from_config
-from regionclip.proposals import ProposalError, load_precomputed_proposals, train_rpn
+from regionclip.cli import reports_errors, stage_setup, stop_after_flag
+from regionclip.errors import InputError, TrainingError
+from regionclip.labeling.proposals import load_precomputed_proposals
+from regionclip.stages.rpn import train_rpn
 
 
-def _flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--stop-after",
-        type=int,
-        metavar="N",
-        help="train at most N steps now, checkpoint and exit (re-run resumes)",
-    )
-
-
+@reports_errors(InputError, TrainingError)
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg, args = config_from_argv(
-        argv, "Train the class-agnostic region proposal network.", extra_flags=_flags
+    cfg, args, device = stage_setup(
+        argv, "Train the class-agnostic region proposal network.", stop_after_flag
     )
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    device = device_from_config(cfg.device)
-    try:
-        if cfg.rpn.precomputed:
-            table = load_precomputed_proposals(cfg.rpn.precomputed)
-            n = sum(len(boxes) for boxes, _ in table.values())
-            print(f"rpn: using precomputed proposals {cfg.rpn.precomputed}: {len(table)} samples, {n} boxes")
-            return 0
-        summary = train_rpn(cfg.rpn, device, stop_after=args.stop_after)
-    except ProposalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if cfg.rpn.precomputed:
+        table = load_precomputed_proposals(cfg.rpn.precomputed)
+        n = sum(len(boxes) for boxes, _ in table.values())
+        print(f"rpn: using precomputed proposals {cfg.rpn.precomputed}: {len(table)} samples, {n} boxes")
+        return 0
+    summary = train_rpn(cfg.rpn, device, stop_after=args.stop_after)
     if summary.get("finished"):
         print(f"rpn: done; network and summary in {cfg.rpn.out_dir}")
     return 0

@@ -11,38 +11,22 @@ from ``checkpoint/`` and skips a run already finished with the same config. Exit
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
-from regionclip.cli import config_from_argv, device_from_config
-from regionclip.proposals import ProposalError
-from regionclip.transfer.engine import TransferError, run_transfer
-
-
-def _flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--stop-after",
-        type=int,
-        metavar="N",
-        help="train at most N steps now, checkpoint and exit (re-run resumes)",
-    )
+from regionclip.cli import reports_errors, stage_setup, stop_after_flag
+from regionclip.errors import InputError, TrainingError
+from regionclip.stages.transfer import run_transfer
 
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+@reports_errors(InputError, TrainingError)
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg, args = config_from_argv(argv, "Train and evaluate the open-vocabulary detector.", extra_flags=_flags)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    device = device_from_config(cfg.device)
-    try:
-        summary = run_transfer(cfg.transfer, device, stop_after=args.stop_after)
-    except (TransferError, ProposalError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    cfg, args, device = stage_setup(argv, "Train and evaluate the open-vocabulary detector.", stop_after_flag)
+    summary = run_transfer(cfg.transfer, device, stop_after=args.stop_after)
     if summary.get("finished"):
         train, ev = summary["train"], summary["eval"]
         print(

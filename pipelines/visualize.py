@@ -13,18 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
-
+from regionclip.data.pseudo_labels import iter_pseudo_labels, manifest_path
 from regionclip.data.shards import expand_urls
-from regionclip.pseudolabel import iter_pseudo_labels, manifest_path
-from regionclip.utils import atomic_output
-
-COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180)]
+from regionclip.viz import draw_pseudo_labels, image_grid, save_png
 
 
 def concept_names(concepts: str, first_shard: str) -> list[str]:
@@ -40,36 +35,6 @@ def concept_names(concepts: str, first_shard: str) -> list[str]:
         return txt.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise ValueError(f"cannot read concept names {txt}: {e.strerror}") from None
-
-
-def draw_sample(
-    sample: dict, names: Sequence[str], cell: int, min_score: float, max_boxes: int
-) -> Image.Image:
-    """One grid cell: the image scaled to fit ``cell`` pixels with its best kept boxes and labels."""
-    meta = sample["meta"]
-    w, h = meta["width"], meta["height"]
-    image = sample["image"] if sample["image"] is not None else Image.new("RGB", (w, h), (128, 128, 128))
-    scale = cell / max(w, h)
-    image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
-    canvas = Image.new("RGB", (cell, cell + 14), (255, 255, 255))
-    canvas.paste(image, (0, 14))
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
-    draw.text(
-        (2, 1), f"{sample['key']}: {meta['num_kept']}/{meta['num_proposals']} kept", fill=(0, 0, 0), font=font
-    )
-    order = sorted(range(len(sample["score"])), key=lambda i: -float(sample["score"][i]))
-    shown = [i for i in order if sample["score"][i] >= min_score][:max_boxes]
-    for n, i in enumerate(shown):
-        colour = COLOURS[n % len(COLOURS)]
-        x0, y0, x1, y1 = (float(v) * scale for v in sample["boxes"][i])
-        draw.rectangle([x0, y0 + 14, x1, y1 + 14], outline=colour, width=2)
-        cid = int(sample["concept"][i])
-        label = f"{names[cid] if 0 <= cid < len(names) else cid} {float(sample['score'][i]):.2f}"
-        tw = draw.textlength(label, font=font)
-        draw.rectangle([x0, y0 + 14, x0 + tw + 2, y0 + 26], fill=colour)
-        draw.text((x0 + 1, y0 + 14), label, fill=(0, 0, 0), font=font)
-    return canvas
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -91,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = concept_names(args.concepts, urls[0])
         cells = []
         for sample in iter_pseudo_labels(urls):
-            cells.append(draw_sample(sample, names, args.cell, args.min_score, args.max_boxes))
+            cells.append(draw_pseudo_labels(sample, names, args.cell, args.min_score, args.max_boxes))
             if len(cells) == args.n:
                 break
     except (ValueError, OSError) as e:
@@ -100,14 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not cells:
         print(f"error: no samples in {args.shards}", file=sys.stderr)
         return 1
-    cols = math.ceil(math.sqrt(len(cells)))
-    rows = math.ceil(len(cells) / cols)
-    cw, ch = cells[0].size
-    grid = Image.new("RGB", (cols * cw, rows * ch), (255, 255, 255))
-    for i, c in enumerate(cells):
-        grid.paste(c, ((i % cols) * cw, (i // cols) * ch))
-    with atomic_output(args.out) as tmp:
-        grid.save(tmp, format="PNG")
+    save_png(image_grid(cells), args.out)
     print(f"visualize: {len(cells)} images -> {args.out}")
     return 0
 

@@ -14,6 +14,8 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import functools
+import logging
 import sys
 from collections.abc import Callable, Sequence
 
@@ -50,6 +52,18 @@ def config_from_argv(
     return cfg, args
 
 
+def stage_setup(
+    argv: Sequence[str] | None,
+    description: str,
+    extra_flags: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> tuple[ExperimentConfig, argparse.Namespace, torch.device]:
+    """What every stage's entry point starts with: :func:`config_from_argv`, messages of the
+    library's loggers on the console, and the config's device (:func:`device_from_config`)."""
+    cfg, args = config_from_argv(argv, description, extra_flags)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return cfg, args, device_from_config(cfg.device)
+
+
 def device_from_config(name: str) -> torch.device:
     """``resolve_device`` for entry points: a bad or unavailable device is a usage error (exit status 2)."""
     try:
@@ -57,3 +71,34 @@ def device_from_config(name: str) -> torch.device:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def stop_after_flag(parser: argparse.ArgumentParser) -> None:
+    """``--stop-after N`` of the resumable training stages (RPN, transfer)."""
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="N",
+        help="train at most N steps now, checkpoint and exit (re-run resumes)",
+    )
+
+
+EntryPoint = Callable[[Sequence[str] | None], int]
+
+
+def reports_errors(*errors: type[BaseException]) -> Callable[[EntryPoint], EntryPoint]:
+    """Decorator of an entry point's ``main``: the given errors end it with one ``error: …`` line on
+    stderr and exit status 1 (bad input), not a traceback."""
+
+    def wrap(main: EntryPoint) -> EntryPoint:
+        @functools.wraps(main)
+        def run(argv: Sequence[str] | None = None) -> int:
+            try:
+                return main(argv)
+            except errors as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+
+        return run
+
+    return wrap

@@ -20,13 +20,10 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from regionclip.data.coco_ovd import COCO_OVD_BASE, COCO_OVD_NOVEL
+from regionclip.data.coco import COCO_OVD_BASE, COCO_OVD_NOVEL
+from regionclip.errors import ConfigError
 
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key and its source."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -44,7 +41,7 @@ class ShardConfig:
 
 @dataclass
 class EmojiWorldConfig:
-    """The synthetic EmojiWorld dataset (DESIGN §6)."""
+    """The synthetic EmojiWorld dataset (docs/design.md)."""
 
     out_dir: str = "${output_dir}/emojiworld"
     seed: int = 0
@@ -130,7 +127,7 @@ class ClipModelConfig:
 
 @dataclass
 class ConceptsConfig:
-    """`make concepts`: concept pool parsing and concept embeddings (DESIGN §4)."""
+    """`make concepts`: concept pool parsing and concept embeddings (docs/design.md)."""
 
     out_dir: str = "${output_dir}/concepts"
     captions: str = "${data.pretrain_shards}"  # shards, or a .txt file with one caption per line
@@ -152,7 +149,7 @@ class ConceptsConfig:
 
 @dataclass
 class RPNConfig:
-    """`make rpn`: class-agnostic proposals from a torchvision ResNet-FPN RPN (DESIGN §4)."""
+    """`make rpn`: class-agnostic proposals from a torchvision ResNet-FPN RPN (docs/design.md)."""
 
     out_dir: str = "${output_dir}/rpn"
     train_json: str = "${data.det_train_json}"  # COCO json of base-class boxes; all categories → "object"
@@ -200,7 +197,7 @@ class RPNConfig:
 
 @dataclass
 class PseudoLabelConfig:
-    """`make pseudolabel`: teacher region labels over proposals, offline (DESIGN §3-5)."""
+    """`make pseudolabel`: teacher region labels over proposals, offline (docs/design.md)."""
 
     input_shards: str = "${data.pretrain_shards}"  # image-text shards; one output shard per input shard
     out_dir: str = "${output_dir}/pseudolabels"
@@ -237,7 +234,7 @@ def _student_init() -> ClipModelConfig:
 
 @dataclass
 class PretrainConfig:
-    """`accelerate launch pretrain.py`: student pretraining (DESIGN §4; regionclip/train.py)."""
+    """`accelerate launch pretrain.py`: student pretraining (regionclip/stages/pretrain.py)."""
 
     # regions: pseudo-label shards, RegionCLIP's three losses | image_text: image-text shards and the
     # image-text loss only (a plain CLIP trainer; the demo trains its teacher with it)
@@ -290,7 +287,7 @@ class PretrainConfig:
 
 @dataclass
 class TransferConfig:
-    """`make transfer`: open-vocabulary Faster R-CNN (C4) on base boxes, AP50 base/novel/all (DESIGN §4)."""
+    """`make transfer`: open-vocabulary Faster R-CNN (C4) on base boxes, AP50 base/novel/all (docs/design.md)."""
 
     tag: str = "clip"  # run name: out_dir is ${output_dir}/transfer/<tag>
     out_dir: str = "${output_dir}/transfer/${transfer.tag}"

@@ -1,4 +1,4 @@
-"""RegionCLIP pretraining losses (DESIGN §4 "Losses", "Numerics"; regionclip-facts §3.3-3.4).
+"""RegionCLIP pretraining losses (docs/design.md).
 
 Pure functions on embeddings; every one L2-normalises its inputs, divides cosines by a fixed
 temperature (default 0.01, so logits span ±100) and works in log space (``log_softmax`` /

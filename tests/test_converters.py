@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sys
 import types
 from pathlib import Path
 
@@ -20,7 +19,8 @@ from data_prep.generic import DataPrepError, convert_generic, sniff_image_ext
 from pipelines.data import main as data_main
 from regionclip.cli import config_from_argv
 from regionclip.config import load_config
-from regionclip.data.shards import SampleErrors, iter_image_text
+from regionclip.data.sample_errors import SampleErrors
+from regionclip.data.shards import iter_image_text
 
 
 def save_image(path: Path, fmt: str, size=(12, 8), color=(200, 30, 30)) -> bytes:
@@ -380,13 +380,12 @@ def test_pipeline_dispatch(folder, capsys):
 
 def test_pipeline_dispatch_emojiworld(monkeypatch):
     """EmojiWorld goes through its own entry point with the same arguments (flags included)."""
-    import data_prep
+    import pipelines.data
 
     calls = []
     fake = types.ModuleType("data_prep.emojiworld")
     fake.main = calls.append
-    monkeypatch.setitem(sys.modules, "data_prep.emojiworld", fake)
-    monkeypatch.setattr(data_prep, "emojiworld", fake, raising=False)
+    monkeypatch.setattr(pipelines.data, "emojiworld", fake)
     argv = ["--force", "data_prep.source=emojiworld", "emojiworld.n_val=3"]
     assert data_main(argv) == 0
     assert calls == [argv]

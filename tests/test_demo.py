@@ -9,36 +9,20 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipelines.demo import split_seeds
-from regionclip import demo
+from regionclip import viz
 from regionclip.config import load_config
-from regionclip.demo import (
+from regionclip.stages import demo
+from regionclip.stages.demo import plan_seed, snapshot, split_seeds
+from regionclip.stages.demo_report import (
     aggregate,
     build_results,
-    draw_loss_curves,
     flatten,
-    image_grid,
     mean_std,
-    plan_seed,
     read_loss_log,
     results_markdown,
-    snapshot,
     unflatten,
 )
-
-STAGE_NAMES = [
-    "data",
-    "teacher",
-    "rpn",
-    "concepts",
-    "pseudolabel",
-    "pseudolabel_caption",
-    "student",
-    "eval_teacher",
-    "eval_student",
-    "transfer_clip",
-    "transfer_regionclip",
-]
+from regionclip.viz import draw_loss_curves, image_grid
 
 
 def _value(argv: list[str], key: str) -> str | None:
@@ -47,7 +31,7 @@ def _value(argv: list[str], key: str) -> str | None:
     return found[-1] if found else None
 
 
-def test_plan_of_one_seed_of_several(tmp_path: Path):
+def test_plan_of_one_seed_of_several(tmp_path: Path, tiny_demo_stages):
     plan = plan_seed(
         "configs/tiny.yaml",
         "configs/tiny-teacher.yaml",
@@ -56,7 +40,7 @@ def test_plan_of_one_seed_of_several(tmp_path: Path):
         seed=1,
         several=True,
     )
-    assert [s.name for s in plan.stages] == STAGE_NAMES
+    assert [s.name for s in plan.stages] == tiny_demo_stages
     assert plan.out_dir == tmp_path / "seed1" and plan.cfg.seed == 1
     stages = {s.name: s for s in plan.stages}
     teacher_final = str(tmp_path / "seed1" / "teacher" / "final")
@@ -232,7 +216,7 @@ def test_results_from_stage_outputs(tmp_path: Path, monkeypatch):
         p, kept, images = measured[tuple(shards)]
         return {"precision": p, "kept": kept, "images": images, "correct": round(p * kept)}
 
-    monkeypatch.setattr("regionclip.pseudolabel.label_precision", fake_precision)
+    monkeypatch.setattr("regionclip.stages.demo_report.label_precision", fake_precision)
     plan = demo.SeedPlan(3, tmp_path, load_config("configs/tiny.yaml"), [], files)
     r = build_results(plan, {"a": 1.5, "b": 2.0}, ["a"])
     assert r["seed"] == 3 and r["config"]["name"] == "tiny" and r["config"]["file"] == "c.yaml"
@@ -270,9 +254,9 @@ def test_loss_curves_and_grid_pictures():
     im = draw_loss_curves([("teacher", series), ("student", {})], size=(200, 120))
     assert im.size == (400, 120)
     colours = {c for _, c in im.getcolors(maxcolors=1 << 16)}
-    assert demo.CURVE_COLOURS[0] in colours and demo.CURVE_COLOURS[1] in colours
+    assert viz.CURVE_COLOURS[0] in colours and viz.CURVE_COLOURS[1] in colours
     # the loss falls from the top left to the bottom right corner of the plot area
-    assert im.getpixel((56, 24)) == demo.CURVE_COLOURS[0] or im.getpixel((57, 25)) == demo.CURVE_COLOURS[0]
+    assert im.getpixel((56, 24)) == viz.CURVE_COLOURS[0] or im.getpixel((57, 25)) == viz.CURVE_COLOURS[0]
     cells = [Image.new("RGB", (10, 10), (k, 0, 0)) for k in range(5)]
     grid = image_grid(cells)
     assert grid.size == (30, 20)  # ceil(sqrt(5)) = 3 columns, 2 rows

@@ -16,10 +16,10 @@ from torch import nn
 from data_prep import emojiworld
 from pipelines import export_detectron2 as export_cli
 from regionclip.config import ClipModelConfig
+from regionclip.errors import TransferError
 from regionclip.models.loading import load_clip
 from regionclip.models.region import RegionEncoder
 from regionclip.text import save_embeddings
-from regionclip.transfer.engine import TransferError
 
 if os.environ.get("REGIONCLIP_REQUIRE_DETECTRON2") == "1":
     import detectron2  # noqa: F401  (CI installs it: there a skip would hide the plugin's failures)
@@ -153,7 +153,7 @@ def test_checkpoint_loads_without_missing_backbone_keys_and_keeps_bn_statistics(
 
 
 def test_a_checkpoint_without_bn_statistics_is_silently_reset_to_identity(world: dict, tmp_path: Path):
-    """Why the exporter writes every statistic (facts §4.4): Detectron2 fills absent FrozenBN
+    """Why the exporter writes every statistic: Detectron2 fills absent FrozenBN
     statistics with 0 / 1 and does not even report them missing."""
     ckpt = torch.load(world["ckpt"], map_location="cpu", weights_only=True)
     ckpt["model"] = {

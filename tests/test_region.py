@@ -161,35 +161,30 @@ def test_pooler_resolution_follows_attnpool_grid(models):
     assert RegionEncoder(models["test-region-vit-avg"].visual).pooler_resolution == 4  # 64 / 16
 
 
-def test_resnet_whole_image_box_equals_encode_image(models):
-    model = models["test-region-rn"]
+@pytest.mark.parametrize(
+    ("name", "seed", "tol"),
+    [
+        # The 64 px image gives a 4x4 layer3 map. aligned=True shifts the box [0, 64] to [-0.5, 3.5]
+        # in feature units; 4 bins of width 1 with one sample each (sampling_ratio=0 -> ceil(1)) land
+        # on 0, 1, 2, 3: exactly the feature centres, so RoIAlign returns the map itself and layer4 +
+        # attnpool see identical input. Measured difference: 0.0.
+        ("test-region-rn", 1, 1e-6),
+        # Same sampling argument on the 4x4 token grid; the mean of ln_post'd tokens @ proj is the
+        # model's pool_type='avg' path. Measured difference ~2e-7 (summation order).
+        ("test-region-vit-avg", 2, 1e-5),
+    ],
+)
+def test_whole_image_box_equals_encode_image(models, name, seed, tol):
+    model = models[name]
     enc = RegionEncoder(model.visual)
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     img = torch.randn(2, 3, 64, 64)
-    # The 64 px image gives a 4x4 layer3 map. aligned=True shifts the box [0, 64] to [-0.5, 3.5] in
-    # feature units; 4 bins of width 1 with one sample each (sampling_ratio=0 -> ceil(1)) land on
-    # 0, 1, 2, 3: exactly the feature centres, so RoIAlign returns the map itself and layer4 +
-    # attnpool see identical input. Measured difference: 0.0.
     box = torch.tensor([[0.0, 0.0, 64.0, 64.0]])
     with torch.no_grad():
         expected = model.encode_image(img)
         got = enc(img, [box, box])
     assert got.shape == (2, 64)
-    assert _close(got, expected, 1e-6)
-
-
-def test_vit_avg_whole_image_box_equals_encode_image(models):
-    model = models["test-region-vit-avg"]
-    enc = RegionEncoder(model.visual)
-    torch.manual_seed(2)
-    img = torch.randn(2, 3, 64, 64)
-    box = torch.tensor([[0.0, 0.0, 64.0, 64.0]])
-    # Same sampling argument on the 4x4 token grid; the mean of ln_post'd tokens @ proj is the
-    # model's pool_type='avg' path. Measured difference ~2e-7 (summation order).
-    with torch.no_grad():
-        expected = model.encode_image(img)
-        got = enc(img, [box, box])
-    assert _close(got, expected, 1e-5)
+    assert _close(got, expected, tol)
 
 
 def test_vit_class_token_model_uses_mean_of_projected_patch_tokens(models):

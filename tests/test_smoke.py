@@ -13,26 +13,14 @@ from PIL import Image
 from safetensors import safe_open
 
 from pipelines import demo
-from regionclip.data.shards import SampleErrors, iter_image_text
-from regionclip.demo import flatten
-from regionclip.proposals import load_rpn
+from regionclip.data.sample_errors import SampleErrors
+from regionclip.data.shards import iter_image_text
+from regionclip.models.rpn import load_rpn
+from regionclip.stages.demo_report import flatten
 from regionclip.utils import process_umask
 
 pytestmark = pytest.mark.slow
 
-STAGES = [
-    "data",
-    "teacher",
-    "rpn",
-    "concepts",
-    "pseudolabel",
-    "pseudolabel_caption",
-    "student",
-    "eval_teacher",
-    "eval_student",
-    "transfer_clip",
-    "transfer_regionclip",
-]
 REPORT_FILES = {"results.json", "RESULTS.md", "pseudolabels.png", "detections.png", "loss_curves.png"}
 
 
@@ -123,7 +111,7 @@ def test_every_output_has_the_mode_the_umask_gives(tiny_run):
     assert any(p.suffix == ".safetensors" for p in modes)
 
 
-def test_results_have_every_figure(tiny_run):
+def test_results_have_every_figure(tiny_run, tiny_demo_stages):
     out, _ = tiny_run
     results = json.loads((out / "results.json").read_text())
     flat = flatten(results)
@@ -140,9 +128,9 @@ def test_results_have_every_figure(tiny_run):
         d = flat[f"region_acc.student_minus_teacher.{s}"]
         assert d == pytest.approx(flat[f"region_acc.student.{s}"] - flat[f"region_acc.teacher.{s}"])
     seconds = results["seconds_per_stage"]
-    assert set(seconds) == {*STAGES, "total"}
+    assert set(seconds) == {*tiny_demo_stages, "total"}
     assert all(math.isfinite(v) and v >= 0 for v in seconds.values())
-    assert seconds["total"] == pytest.approx(sum(seconds[s] for s in STAGES))
+    assert seconds["total"] == pytest.approx(sum(seconds[s] for s in tiny_demo_stages))
     assert results["seed"] == 0 and results["config"]["name"] == "tiny"
     assert results["skipped_stages"] == []
     assert "first input shard only" in results["pseudolabel"]["scope"]["caption"]
@@ -156,7 +144,7 @@ def test_results_have_every_figure(tiny_run):
             assert im.format == "PNG" and im.width >= 256 and im.height >= 256
 
 
-def test_rerun_skips_every_stage(tiny_run, capsys):
+def test_rerun_skips_every_stage(tiny_run, tiny_demo_stages, capsys):
     out, argv = tiny_run
     stage_files = {
         p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name not in REPORT_FILES
@@ -165,5 +153,5 @@ def test_rerun_skips_every_stage(tiny_run, capsys):
     assert demo.main(argv) == 0
     after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name not in REPORT_FILES}
     assert after == stage_files
-    assert json.loads((out / "results.json").read_text())["skipped_stages"] == STAGES
+    assert json.loads((out / "results.json").read_text())["skipped_stages"] == tiny_demo_stages
     assert "11 stages (0 run, 11 up to date)" in capsys.readouterr().out

@@ -14,19 +14,16 @@ import torch
 from PIL import Image
 
 from regionclip.config import ClipModelConfig, load_config
-from regionclip.data.shards import SampleErrors, ShardWriter, encode_image, image_text_sample, iter_image_text
+from regionclip.data.batches import PreprocessSettings, collate_image_text, collate_pretrain
+from regionclip.data.pseudo_labels import PseudoLabels, iter_pseudo_labels
+from regionclip.data.sample_errors import SampleErrors
+from regionclip.data.shards import ShardWriter, encode_image, image_text_sample, iter_image_text
+from regionclip.labeling.labeler import OnlineLabels, build_labeler
 from regionclip.losses import RegionCLIPLoss
 from regionclip.models.loading import load_clip
-from regionclip.proposals import build_proposal_network, save_rpn
-from regionclip.pseudolabel import build_labeler, iter_pseudo_labels, plan_outputs, run_shards
-from regionclip.student import (
-    OnlineLabels,
-    PreprocessSettings,
-    build_student,
-    collate_image_text,
-    collate_pretrain,
-    compute_losses,
-)
+from regionclip.models.rpn import build_proposal_network, save_rpn
+from regionclip.models.student import build_student, compute_losses
+from regionclip.stages.pseudolabel import plan_outputs, prepare_run, run_shards
 from regionclip.text import save_embeddings
 
 RED = (255, 0, 0)
@@ -52,19 +49,21 @@ def _image(w: int, h: int, red_box: tuple[int, int, int, int] | None = None) -> 
 
 
 def _pseudo(key: str, image: Image.Image, boxes, concept, topk_ids, topk_logits, emb=None, captions=None):
-    s = {
-        "key": key,
-        "caption": (captions or [f"caption of {key}"])[0],
-        "meta": {"captions": captions or [f"caption of {key}"]},
-        "image": image,
-        "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
-        "concept": np.asarray(concept, np.int32),
-        "topk_ids": np.asarray(topk_ids, np.int32).reshape(len(concept), -1),
-        "topk_logits": np.asarray(topk_logits, np.float32).reshape(len(concept), -1),
-    }
-    if emb is not None:
-        s["emb"] = np.asarray(emb, np.float16)
-    return s
+    w, h = image.size if image is not None else (8, 8)
+    return PseudoLabels(
+        key=key,
+        captions=captions or [f"caption of {key}"],
+        width=w,
+        height=h,
+        boxes=np.asarray(boxes, np.float32).reshape(-1, 4),
+        objectness=np.ones(len(concept), np.float32),
+        concept=np.asarray(concept, np.int32),
+        score=np.ones(len(concept), np.float32),
+        topk_ids=np.asarray(topk_ids, np.int32).reshape(len(concept), -1),
+        topk_logits=np.asarray(topk_logits, np.float32).reshape(len(concept), -1),
+        emb=None if emb is None else np.asarray(emb, np.float16),
+        image=image,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,13 +247,13 @@ def test_topk_padding_and_teacher_embeddings_reach_the_loss(rn):
     kl1 = (p1 * (p1.log() - log_q[1, :2])).sum()
     expected = (-log_q[0, 2] + kl1) / 2
     assert out["distill"].item() == pytest.approx(expected.item(), rel=1e-5)
-    samples[0]["topk_logits"][0, 1] = 0.5  # padding must carry -inf
+    samples[0].topk_logits[0, 1] = 0.5  # padding must carry -inf
     bad = collate_pretrain(samples, PreprocessSettings(32, 64, hflip=False), student.tokenizer)
     with pytest.raises(ValueError, match="padding"):
         compute_losses(student, bad, RegionCLIPLoss(image_text_weight=0, contrastive_weight=0), concepts)
-    samples[0]["topk_logits"][0, 1] = -math.inf
+    samples[0].topk_logits[0, 1] = -math.inf
     # with stored teacher embeddings (every sample has them) the exact rebuild is used instead
-    samples[0]["emb"] = concepts[[1, 1]].numpy().astype(np.float16) * 3
+    samples[0].emb = concepts[[1, 1]].numpy().astype(np.float16) * 3
     batch = collate_pretrain(samples, PreprocessSettings(32, 64, hflip=False), student.tokenizer)
     assert batch.teacher_emb.dtype == torch.float16 and batch.teacher_emb.shape == (2, 64)
     out = compute_losses(student, batch, RegionCLIPLoss(image_text_weight=0, contrastive_weight=0), concepts)
@@ -340,15 +339,19 @@ def test_online_labels_equal_offline_shards(tiny_clip, tmp_path: Path):
     cfg = load_config(None, overrides)
     torch.manual_seed(0)
     save_rpn(build_proposal_network(cfg.rpn), cfg.rpn, cfg.rpn.out_dir)
-    labeler, identity, _ = build_labeler(cfg, torch.device("cpu"))
+    labeler, identity = prepare_run(
+        cfg.pseudolabel, cfg.teacher, cfg.rpn.out_dir, cfg.rpn.precomputed, torch.device("cpu")
+    )
     run_shards(labeler, plan_outputs(cfg.pseudolabel), identity)
     offline = list(iter_pseudo_labels(str(tmp_path / "out" / "train-000000.tar")))
 
     errors = SampleErrors()
     raw = list(iter_image_text(cfg.pseudolabel.input_shards, errors))
-    online = OnlineLabels.from_config(cfg, "cpu")(raw)
-    assert [s["key"] for s in online] == [s["key"] for s in offline] == ["k0", "k1", "k2"]
-    assert sum(len(s["boxes"]) for s in offline) > 0
+    online = OnlineLabels(
+        build_labeler(cfg.pseudolabel, cfg.teacher, cfg.rpn.out_dir, cfg.rpn.precomputed, "cpu")[0]
+    )(raw)
+    assert [s.key for s in online] == [s.key for s in offline] == ["k0", "k1", "k2"]
+    assert sum(len(s.boxes) for s in offline) > 0
 
     student = _student(ClipModelConfig(model=name, model_config=model_config))
     settings = PreprocessSettings(48, 96)

@@ -19,13 +19,13 @@ from PIL import Image
 
 import pretrain
 from pipelines import pseudolabel as pl_stage
-from regionclip import train as train_mod
 from regionclip.config import load_config
 from regionclip.data.pretrain_data import DataState, PretrainStream, decode_pseudo, make_loader, shard_at
 from regionclip.data.shards import ShardWriter, decode_image_text, encode_image, image_text_sample
-from regionclip.proposals import build_proposal_network, save_rpn
+from regionclip.errors import TrainingError
+from regionclip.stages import pretrain as train_mod
+from regionclip.stages.inputs import pretrain_inputs
 from regionclip.text import save_embeddings
-from regionclip.train import TrainingError, lr_at, train
 
 REPO = Path(__file__).resolve().parents[1]
 CONCEPTS = ["dog", "cat", "red umbrella", "umbrella", "tree", "car"]
@@ -40,7 +40,7 @@ def _key(shard: int, i: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, tiny_clip) -> dict:
+def world(tmp_path_factory: pytest.TempPathFactory, tiny_clip, tiny_labelling_world) -> dict:
     """4 image-text shards x 4 samples (64 px, one size: no padding differences between batchings),
     their pseudo-label shards from a tiny teacher + random RPN + 6-concept pool, and a config."""
     root = tmp_path_factory.mktemp("train")
@@ -56,39 +56,13 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_clip) -> dict:
                 writer.write(
                     image_text_sample(_key(s, i), image, "png", caption, {"width": 64, "height": 64})
                 )
-    name, model_config = tiny_clip
-    torch.manual_seed(0)
-    teacher = open_clip.create_model(name)
-    safetensors.torch.save_file(
-        {k: v.contiguous() for k, v in teacher.state_dict().items()}, str(root / "teacher.safetensors")
-    )
+    name, _ = tiny_clip
+    sections = tiny_labelling_world(root, 64)
     save_embeddings(root / "concepts.safetensors", torch.randn(len(CONCEPTS), 64), CONCEPTS, {"model": name})
     save_embeddings(root / "other.safetensors", torch.randn(len(CONCEPTS), 64), CONCEPTS, {"model": name})
-    rpn = {
-        "out_dir": str(root / "rpn"),
-        "backbone": "resnet18",
-        "norm": "bn",
-        "fpn_levels": [3, 4],
-        "fpn_channels": 16,
-        "min_size": 64,
-        "max_size": 64,
-        "anchor_sizes": [16, 32, 64],
-        "pre_nms_top_n_test": 100,
-        "post_nms_top_n_test": 30,
-    }
-    rpn_cfg = load_config(None, [f"rpn.{k}={v}".replace(" ", "") for k, v in rpn.items()]).rpn
-    torch.manual_seed(0)
-    save_rpn(build_proposal_network(rpn_cfg), rpn_cfg, rpn_cfg.out_dir)
     config = {
-        "output_dir": str(root / "runs"),
-        "device": "cpu",
-        "teacher": {
-            "model": name,
-            "model_config": model_config,
-            "pretrained": str(root / "teacher.safetensors"),
-        },
         "data": {"pretrain_shards": str(root / "in" / "train-{000000..000003}.tar")},
-        "rpn": rpn,
+        **sections,
         "pseudolabel": {
             "out_dir": str(root / "pl"),
             "concepts": str(root / "concepts.safetensors"),
@@ -125,26 +99,9 @@ def _cfg(world: dict, out: Path, *overrides: str):
 # --------------------------------------------------------------------------------------------
 
 
-def test_lr_schedule_by_hand():
-    p = load_config(
-        None,
-        [
-            "pretrain.lr=0.1",
-            "pretrain.warmup_steps=10",
-            "pretrain.max_steps=100",
-            "pretrain.milestones=[0.5,0.75]",
-        ],
-    ).pretrain
-    assert lr_at(0, p) == pytest.approx(0.1 * 0.001)
-    assert lr_at(5, p) == pytest.approx(0.1 * (0.001 * 0.5 + 0.5))  # linear warm-up
-    assert lr_at(10, p) == pytest.approx(0.1)
-    assert lr_at(49, p) == pytest.approx(0.1)
-    assert lr_at(50, p) == pytest.approx(0.01)
-    assert lr_at(75, p) == pytest.approx(0.001)
-    p.schedule, p.warmup_steps = "cosine", 0
-    assert lr_at(0, p) == pytest.approx(0.1)
-    assert lr_at(50, p) == pytest.approx(0.05)
-    assert lr_at(100, p) == pytest.approx(0.0, abs=1e-12)
+def train(cfg):
+    """The pretraining stage as ``pretrain.py`` calls it."""
+    return train_mod.train(cfg.pretrain, pretrain_inputs(cfg), cfg.device)
 
 
 def _keys_collate(samples, gen):

@@ -15,19 +15,14 @@ import torch.nn.functional as F
 from data_prep import emojiworld
 from pipelines import transfer as transfer_pipeline
 from regionclip.config import TransferConfig
+from regionclip.errors import TransferError
+from regionclip.stages.transfer import Prepared, proposals_for
 from regionclip.text import save_embeddings
-from regionclip.transfer import TextClassifier, TransferError, ov_classification_loss
-from regionclip.transfer.engine import select_embeddings
+from regionclip.transfer import TextClassifier, ov_classification_loss
 from regionclip.transfer.torchvision_rcnn import build_detector
+from regionclip.transfer.vocabulary import select_embeddings
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Toy-sized convolutions run fastest on one thread, above all on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,13 +270,11 @@ def test_bad_vocabulary_files_are_refused(world: dict, tmp_path: Path, capsys):
 
 
 def test_frozen_rpn_boxes_are_cut_to_the_top_k_and_scaled():
-    from regionclip.transfer.engine import _Prepared, _proposals_for
-
     def rpn(keys, images):  # highest objectness first, original pixels
         return [torch.tensor([[0.0, 0.0, 10.0, 10.0], [2.0, 2.0, 4.0, 8.0], [1.0, 1.0, 3.0, 3.0]])], [None]
 
-    prep = _Prepared(torch.zeros(3, 20, 20), torch.zeros(3, 10, 10), scale=2.0)
-    got = _proposals_for(rpn, ["k"], [prep], 2, torch.device("cpu"))
+    prep = Prepared(torch.zeros(3, 20, 20), torch.zeros(3, 10, 10), scale=2.0)
+    got = proposals_for(rpn, ["k"], [prep], 2, torch.device("cpu"))
     assert torch.equal(got[0], torch.tensor([[0.0, 0.0, 20.0, 20.0], [4.0, 4.0, 8.0, 16.0]]))
-    assert len(_proposals_for(rpn, ["k"], [prep], 0, torch.device("cpu"))[0]) == 3
-    assert _proposals_for(None, ["k"], [prep], 2, torch.device("cpu")) is None
+    assert len(proposals_for(rpn, ["k"], [prep], 0, torch.device("cpu"))[0]) == 3
+    assert proposals_for(None, ["k"], [prep], 2, torch.device("cpu")) is None

@@ -20,6 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from regionclip.utils import atomic_write_json
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -67,8 +71,6 @@ _CHILD = "import sys; from regionclip.benchmarks import child_main; child_main(s
 
 def child_main(job_file: str) -> None:
     """Body of a :func:`run_in_subprocess` child: run the job, write its result (JSON, atomic)."""
-    from regionclip.utils import atomic_write_json
-
     job = json.loads(Path(job_file).read_text(encoding="utf-8"))
     result = load_function(job["fn"])(**job["kwargs"])
     result.update(peak_rss_gib=peak_rss_gib(), children_peak_rss_gib=children_peak_rss_gib())
@@ -83,8 +85,6 @@ def run_in_subprocess(fn: str, kwargs: dict[str, Any], workdir: str | Path, tag:
     end) and ``children_peak_rss_gib`` (its largest child's). Job and result files are
     ``<workdir>/<tag>.{job,result}.json``. Raises RuntimeError when the child fails.
     """
-    from regionclip.utils import atomic_write_json
-
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     job_file, result_file = workdir / f"{tag}.job.json", workdir / f"{tag}.result.json"
@@ -122,8 +122,6 @@ def _mem_total_gib() -> float | None:
 
 def machine_info() -> dict[str, Any]:
     """Where figures were measured: CPU, cores, memory, Python and torch versions."""
-    import torch
-
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "cpu": _cpu_model(),

@@ -1,6 +1,6 @@
 """Pretraining step: offline pseudo-labels vs ``online`` (RegionCLIP's RPN + teacher in the step).
 
-One full optimizer step as :func:`regionclip.train.train` runs it (Accelerate, bf16 autocast on
+One full optimizer step as :func:`regionclip.stages.pretrain.train` runs it (Accelerate, bf16 autocast on
 GPU), on the same batch and the same random-weight student in both modes, data already in memory:
 
 - offline: stored pseudo-label samples (read back from a real pseudo-label shard) →
@@ -14,7 +14,7 @@ medians over ``repeats`` steps after ``warmup`` steps. The pseudo-labels both mo
 made once beforehand by the offline stage's code (:func:`run_shards`) with the same teacher, RPN
 and concept pool the online process builds.
 
-Two sizes: RegionCLIP's (DESIGN §7: RN50 student and teacher, ResNet-50-FPN RPN, batch 2 at
+Two sizes: RegionCLIP's (RN50 student and teacher, ResNet-50-FPN RPN, batch 2 at
 800x1066, 300 → 100 regions, 4,764 random unit concept vectors) and the CPU demo's (whatever
 ``configs/demo.yaml`` sets: model, RPN, image size, regions per image, batch, optimizer,
 temperatures; 100 concepts, pool mode). Weights are random and the keep threshold is 0 at both
@@ -37,19 +37,17 @@ from tqdm import tqdm
 from regionclip.benchmarks import REPO, run_in_subprocess
 from regionclip.benchmarks.reader import smooth_image
 from regionclip.config import ExperimentConfig, load_config
-from regionclip.data.shards import SampleErrors, ShardWriter, encode_image, image_text_sample, iter_image_text
+from regionclip.data.batches import PreprocessSettings, collate_pretrain
+from regionclip.data.pseudo_labels import iter_pseudo_labels
+from regionclip.data.sample_errors import SampleErrors
+from regionclip.data.shards import ShardWriter, encode_image, image_text_sample, iter_image_text
+from regionclip.labeling.labeler import OnlineLabels, build_labeler
 from regionclip.models.loading import get_model_config
-from regionclip.proposals import build_proposal_network, save_rpn
-from regionclip.pseudolabel import build_labeler, iter_pseudo_labels, plan_outputs, run_shards
-from regionclip.student import (
-    OnlineLabels,
-    PreprocessSettings,
-    build_student,
-    collate_pretrain,
-    compute_losses,
-)
+from regionclip.models.rpn import build_proposal_network, save_rpn
+from regionclip.models.student import build_student, compute_losses
+from regionclip.stages.pretrain import build_loss, build_optimizer
+from regionclip.stages.pseudolabel import plan_outputs, prepare_run, run_shards
 from regionclip.text import load_embeddings, save_embeddings
-from regionclip.train import build_loss, build_optimizer
 from regionclip.utils import resolve_device
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -66,7 +64,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "concepts": 100,  # the demo's pool has about 100 concepts
     },
 }
-# RegionCLIP's original step on this machine kind (DESIGN §7), for the record next to ours
+# RegionCLIP's original step on this machine kind (docs/design.md), for the record next to ours
 REGIONCLIP_STEP_S = 44.2
 REGIONCLIP_PEAK_RSS_GIB = 4.7
 
@@ -114,10 +112,12 @@ def prepare(job: dict[str, Any], image_wh: tuple[int, int], n_concepts: int) -> 
             jpg = encode_image(smooth_image(rng, max(w, h)).resize((w, h)), "jpg", 90)
             meta = {"width": w, "height": h}
             writer.write(image_text_sample(f"{i:06d}", jpg, "jpg", f"a photo of thing {i}", meta))
-    labeler, identity, _ = build_labeler(cfg, resolve_device(cfg.device))
+    labeler, identity = prepare_run(
+        cfg.pseudolabel, cfg.teacher, cfg.rpn.out_dir, cfg.rpn.precomputed, resolve_device(cfg.device)
+    )
     plan = plan_outputs(cfg.pseudolabel)
     run_shards(labeler, plan, identity)
-    regions = [len(s["boxes"]) for s in iter_pseudo_labels(str(plan[0][1]), decode_image=False)]
+    regions = [s.num_kept for s in iter_pseudo_labels(str(plan[0][1]), decode_image=False)]
     if len(regions) != n_images:
         raise RuntimeError(f"pseudo-label shard {plan[0][1]} holds {len(regions)} of {n_images} images")
     return {"images": n_images, "regions_per_image": regions}
@@ -142,7 +142,9 @@ def measure_mode(job: dict[str, Any], mode: str, warmup: int, repeats: int, thre
         samples = list(iter_image_text(cfg.pseudolabel.input_shards, errors))
         if errors.counts:
             raise RuntimeError(f"{cfg.pseudolabel.input_shards}: {errors.summary()}")
-        online = OnlineLabels.from_config(cfg, acc.device)
+        online = OnlineLabels(
+            build_labeler(cfg.pseudolabel, cfg.teacher, cfg.rpn.out_dir, cfg.rpn.precomputed, acc.device)[0]
+        )
     concept_emb = load_embeddings(p.concepts)[0].float().to(acc.device)
     torch.manual_seed(p.seed)  # the same random student as train() builds, in both modes
     student = build_student(p.init, p.freeze_at, acc.device, train_text=p.train_text, freeze_bn=p.freeze_bn)

@@ -1,6 +1,6 @@
 """Pseudo-label stage throughput against its forward-only floor.
 
-The stage (:func:`regionclip.pseudolabel.label_shard`: read + decode the shard, RPN, proposal
+The stage (:func:`regionclip.stages.pseudolabel.label_shard`: read + decode the shard, RPN, proposal
 sampling, resize, teacher, assignment, .npy encoding, atomic shard + manifest) is timed against
 the floor: the RPN and teacher forwards alone on the same images, pre-decoded and pre-resized in
 memory, with the same batches and boxes. ``floor_ratio = stage images/s / floor images/s``
@@ -21,17 +21,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import open_clip
 import torch
 from PIL import Image
 
 from regionclip.benchmarks.reader import smooth_image
 from regionclip.config import load_config
 from regionclip.data.shards import ShardWriter, encode_image, image_text_sample
+from regionclip.labeling.assignment import sample_generator
+from regionclip.labeling.labeler import PseudoLabeler
+from regionclip.labeling.modes import PoolMode
+from regionclip.labeling.proposals import NetworkProposals, sample_proposals
 from regionclip.models.loading import register_model_config
 from regionclip.models.preprocess import batch_images, pil_to_tensor, resize_for_detection, scale_boxes
 from regionclip.models.region import CLIP_MEAN, CLIP_STD, RegionEncoder
-from regionclip.proposals import NetworkProposals, build_proposal_network, sample_proposals
-from regionclip.pseudolabel import PseudoLabeler, RunIdentity, label_shard, sample_generator
+from regionclip.models.rpn import build_proposal_network
+from regionclip.stages.pseudolabel import RunIdentity, label_shard
 
 REPO = Path(__file__).resolve().parents[2]
 SIZES: dict[str, dict[str, Any]] = {
@@ -78,13 +83,11 @@ def _setup(workdir: Path, spec: dict[str, Any], n_images: int, seed: int) -> tup
     cfg = load_config(None, overrides)
     torch.manual_seed(seed)
     register_model_config(cfg.teacher)
-    import open_clip
-
     teacher = open_clip.create_model(cfg.teacher.model).eval()
     encoder = RegionEncoder(teacher.visual)
     rpn = NetworkProposals(build_proposal_network(cfg.rpn).eval())
     concepts = torch.randn(spec["concepts"], encoder.output_dim)
-    labeler = PseudoLabeler(encoder, rpn, concepts, cfg.pseudolabel)
+    labeler = PseudoLabeler(encoder, rpn, concepts, cfg.pseudolabel, PoolMode())
 
     rng = np.random.default_rng(seed)
     w, h = spec["image_wh"]

@@ -1,4 +1,4 @@
-"""Caption → concepts with spaCy noun chunks (DESIGN §4, RegionCLIP ``tools/tsvfile_filtering.py``).
+"""Caption → concepts with spaCy noun chunks (RegionCLIP ``tools/tsvfile_filtering.py``).
 
 A *concept* is the lemma of a noun chunk's root with its ``compound`` modifiers in front
 ("two tennis rackets" → "tennis racket"); a *phrase* also keeps the adjectives ("two red

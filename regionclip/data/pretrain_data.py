@@ -39,7 +39,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.utils import make_seed
 
-from regionclip.data.shards import ERROR_FIELD, IMAGE_EXTS, decode_image_text, error_record, expand_shards
+from regionclip.data.pseudo_labels import PseudoLabels, decode
+from regionclip.data.sample_errors import ERROR_FIELD, error_record
+from regionclip.data.shards import IMAGE_EXTS, decode_image_text, expand_shards
 
 Decoder = Callable[[dict[str, Any]], dict[str, Any]]
 Collate = Callable[[list[dict[str, Any]], torch.Generator], Any]
@@ -50,18 +52,16 @@ Collate = Callable[[list[dict[str, Any]], torch.Generator], Any]
 # --------------------------------------------------------------------------------------------
 
 
-def decode_pseudo(raw: dict[str, Any]) -> dict[str, Any]:
-    """Raw pseudo-label sample → decoded sample (:func:`regionclip.pseudolabel.decode_pseudo_sample`)
-    or an error record (``bad_pseudo_sample``, ``missing_image``, ``bad_image``)."""
-    from regionclip.pseudolabel import decode_pseudo_sample
-
+def decode_pseudo(raw: dict[str, Any]) -> PseudoLabels | dict[str, Any]:
+    """Raw pseudo-label sample → :class:`~regionclip.data.pseudo_labels.PseudoLabels`, or an error
+    record (``bad_pseudo_sample``, ``missing_image``, ``bad_image``)."""
     key, url = raw.get("__key__", ""), raw.get("__url__", "")
     if not any(e in raw for e in IMAGE_EXTS):
         return error_record(
             "missing_image", key, url, "pseudo-label sample without image (pseudolabel.store_image=false?)"
         )
     try:
-        return decode_pseudo_sample(raw)
+        return decode(raw)
     except ValueError as e:
         return error_record("bad_pseudo_sample", key, url, str(e))
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for corrupt images
@@ -217,14 +217,16 @@ class PretrainStream(IterableDataset):
                     continue
                 offset += 1
                 sample = self.decode(raw)
-                if ERROR_FIELD in sample:
+                if isinstance(sample, dict) and ERROR_FIELD in sample:
                     errors.append(sample)
                     continue
                 good += 1
                 samples.append(sample)
                 if len(samples) == self.batch_size:
                     gen = batch_generator(self.seed, stream, batches)
-                    keys = [str(s.get("__key__", s.get("key", "?"))) for s in samples]
+                    keys = [
+                        s.key if isinstance(s, PseudoLabels) else str(s.get("__key__", "?")) for s in samples
+                    ]
                     yield {
                         "batch": self.collate(samples, gen),
                         "keys": keys,

@@ -1,6 +1,6 @@
 """Image–text webdataset shards: sample schema, atomic writer, error-tolerant reader.
 
-Sample schema (DESIGN §3): ``__key__`` (unique, no dots), one image (``jpg``/``png``/``webp``),
+Sample schema (docs/design.md): ``__key__`` (unique, no dots), one image (``jpg``/``png``/``webp``),
 the caption as ``txt`` (UTF-8) or as ``captions: [...]`` inside ``json``, and ``json`` metadata
 (``width``, ``height``, ``source_id``).
 
@@ -20,9 +20,8 @@ import json
 import os
 import random
 import tarfile
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +31,9 @@ from webdataset.shardlists import expand_urls as _wds_expand_urls
 from webdataset.tariterators import base_plus_ext
 from webdataset.utils import make_seed, pytorch_worker_info
 
+from regionclip.data.sample_errors import ERROR_FIELD, SampleErrors, drop_errors, error_record
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-ERROR_FIELD = "__error__"
 
 
 def check_key(key: str) -> str:
@@ -223,10 +223,6 @@ class ShardWriter:
 # --------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------
-
-
-def error_record(reason: str, key: str = "", url: str = "", detail: str = "") -> dict[str, str]:
-    return {ERROR_FIELD: reason, "__key__": key, "__url__": url, "detail": detail}
 
 
 def expand_urls(urls: str | Iterable[str]) -> list[str]:
@@ -462,63 +458,6 @@ def _as_is(sample: Any) -> Any:
 def _map_good(src: Iterable[dict[str, Any]], fn: Callable[[dict], dict]) -> Iterator[dict[str, Any]]:
     for sample in src:
         yield sample if ERROR_FIELD in sample else fn(sample)
-
-
-@dataclass
-class SampleErrors:
-    """Counts of skipped samples by reason, with the first few offending keys per reason."""
-
-    counts: Counter = field(default_factory=Counter)
-    examples: dict[str, list[dict[str, str]]] = field(default_factory=dict)
-    unreadable_shards: list[str] = field(default_factory=list)
-    max_examples: int = 5
-
-    def add(self, record: dict[str, str]) -> None:
-        reason = record[ERROR_FIELD]
-        self.counts[reason] += 1
-        if reason == "unreadable_shard":
-            self.unreadable_shards.append(record["__url__"])
-        examples = self.examples.setdefault(reason, [])
-        if len(examples) < self.max_examples:
-            examples.append({k.strip("_"): v for k, v in record.items() if k != ERROR_FIELD})
-
-    def update(self, other: SampleErrors) -> None:
-        """Add the counts and examples of ``other`` (e.g. per-shard errors into a total)."""
-        self.counts.update(other.counts)
-        self.unreadable_shards.extend(other.unreadable_shards)
-        for reason, examples in other.examples.items():
-            mine = self.examples.setdefault(reason, [])
-            mine.extend(examples[: self.max_examples - len(mine)])
-
-    @property
-    def total(self) -> int:
-        """Bad samples (unreadable shards are counted apart: their sample count is unknown)."""
-        return sum(v for k, v in self.counts.items() if k != "unreadable_shard")
-
-    def summary(self) -> str:
-        if not self.counts:
-            return "no bad samples"
-        parts = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.counts.items()))
-        shards = f", {len(self.unreadable_shards)} unreadable shards" if self.unreadable_shards else ""
-        return f"skipped {self.total} bad samples{shards} ({parts})"
-
-    def report_lines(self) -> list[str]:
-        lines = [self.summary()]
-        for reason in sorted(self.examples):
-            lines.append(f"  {reason}: {self.counts[reason]}")
-            for ex in self.examples[reason]:
-                where = f"sample '{ex['key']}' in {ex['url']}" if ex["key"] else ex["url"]
-                lines.append(f"    {where}: {ex['detail']}")
-        return lines
-
-
-def drop_errors(samples: Iterable[dict[str, Any]], errors: SampleErrors) -> Iterator[dict[str, Any]]:
-    """Yield the good samples; count the error records into ``errors``."""
-    for sample in samples:
-        if ERROR_FIELD in sample:
-            errors.add(sample)
-        else:
-            yield sample
 
 
 def iter_image_text(

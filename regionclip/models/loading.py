@@ -37,7 +37,7 @@ import safetensors.torch
 import torch
 
 from regionclip.config import ClipModelConfig
-from regionclip.utils import apply_umask, resolve_device, sha256_file
+from regionclip.utils import apply_umask, read_json, resolve_device, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +124,7 @@ def register_model_config(cfg: ClipModelConfig) -> None:
     if not cfg.model_config:
         return
     path = Path(cfg.model_config)
-    try:
-        arch = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ValueError(f"model_config {path}: cannot read: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"model_config {path}: invalid JSON: {e}") from None
+    arch = read_json(path, "model_config")
     missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in arch]
     if missing:
         raise ValueError(
@@ -171,13 +166,39 @@ def _needs_quick_gelu(cfg: ClipModelConfig, kind: str) -> bool:
 
 def _read_dir_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_FILE
-    try:
-        conf = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read checkpoint config: {e}") from None
+    conf = read_json(path, "checkpoint config")
     if not isinstance(conf, dict) or "model_cfg" not in conf:
         raise ValueError(f"{path}: missing 'model_cfg'; not an open_clip checkpoint config")
     return conf
+
+
+def weights_id_of(cfg: ClipModelConfig) -> str | None:
+    """The ``weights_id`` :func:`load_clip` would give ``cfg``, without building the model; None for
+    a random init (only building it, under the same seed, tells that one)."""
+    kind = _source_kind(cfg)
+    if kind == "random":
+        return None
+    if kind == "tag":
+        return f"{cfg.model}@{cfg.pretrained}"
+    weights = Path(cfg.pretrained) / WEIGHTS_FILE if kind == "checkpoint_dir" else Path(cfg.pretrained)
+    return f"{cfg.model}@{sha256_file(weights)[:12]}"
+
+
+def model_config_for(model: str, model_config: str = "", pretrained: str = "") -> ClipModelConfig:
+    """The :class:`ClipModelConfig` of a command line's ``--model`` (an open_clip name, a checkpoint
+    folder written by this project, or a weights file with ``--model-config``)."""
+    path = Path(model)
+    if is_checkpoint_dir(path):
+        name = _read_dir_config(path).get("regionclip", {}).get("model")
+        name = name or (Path(model_config).stem if model_config else path.name)
+        return ClipModelConfig(model=name, pretrained=str(path), model_config=model_config)
+    if path.is_file():
+        if not model_config:
+            raise ValueError(
+                f"--model {model} is a weights file: pass its architecture as --model-config JSON"
+            )
+        return ClipModelConfig(model=Path(model_config).stem, pretrained=str(path), model_config=model_config)
+    return ClipModelConfig(model=model, pretrained=pretrained, model_config=model_config)
 
 
 # --------------------------------------------------------------------------------------------

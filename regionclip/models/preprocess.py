@@ -1,8 +1,8 @@
 """Detection-size image preprocessing shared by the teacher, the student and the detector.
 
 RegionCLIP feeds the whole image, not crops: shorter side 800, longer side at most 1333, bicubic
-resampling, CLIP mean/std normalisation, and zero padding to the batch maximum (DESIGN §4,
-regionclip-facts §2.2). Boxes travel in original-image pixels between stages and are scaled here.
+resampling, CLIP mean/std normalisation, and zero padding to the batch maximum (RegionCLIP's
+test-time resize). Boxes travel in original-image pixels between stages and are scaled here.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Region embeddings from a CLIP image tower: RoI pooling on full-image features, no crops.
 
-ResNet (open_clip ``ModifiedResNet``), as RegionCLIP's teacher and student (DESIGN §4):
+ResNet (open_clip ``ModifiedResNet``), as RegionCLIP's teacher and student (docs/design.md):
 stem -> layer1..layer3 (stride 16) -> RoIAlign (aligned, 2 x attnpool grid: 14 for RN50, 18 for
 RN50x4) -> layer4 -> attention pool -> [R, D] in the joint image-text space.
 

@@ -1,19 +1,14 @@
-"""Transfer to detection (DESIGN §4 "Transfer"): an open-vocabulary Faster R-CNN on a CLIP ResNet.
+"""Transfer to detection: an open-vocabulary Faster R-CNN on a CLIP ResNet.
 
 - :mod:`regionclip.transfer.classifier`: the text-embedding classifier and its loss (pure maths);
 - :mod:`regionclip.transfer.torchvision_rcnn`: the C4 detector from torchvision pieces;
-- :mod:`regionclip.transfer.engine`: training, evaluation (AP50 base/novel/all) and `make transfer`.
+- :mod:`regionclip.transfer.vocabulary`: class-embedding rows by category name;
+- :mod:`regionclip.transfer.detectron2`: the same detector as a Detectron2 plugin.
+
+Training and evaluating it (`make transfer`) is the stage :mod:`regionclip.stages.transfer`.
 """
 
 from regionclip.transfer.classifier import TextClassifier, ov_classification_loss
-from regionclip.transfer.engine import TransferError, run_transfer
 from regionclip.transfer.torchvision_rcnn import OpenVocabFasterRCNN, build_detector
 
-__all__ = [
-    "OpenVocabFasterRCNN",
-    "TextClassifier",
-    "TransferError",
-    "build_detector",
-    "ov_classification_loss",
-    "run_transfer",
-]
+__all__ = ["OpenVocabFasterRCNN", "TextClassifier", "build_detector", "ov_classification_loss"]

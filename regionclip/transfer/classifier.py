@@ -1,6 +1,6 @@
 """Open-vocabulary box classifier: frozen class text embeddings, background logit fixed at 0.
 
-RegionCLIP's ``FastRCNNOutputLayers`` with ``USE_TEXT_EMB_CLASSIFIER`` (reference facts §4.2):
+RegionCLIP's ``FastRCNNOutputLayers`` with ``USE_TEXT_EMB_CLASSIFIER``:
 logits = cat(cos(x, w_c) for the C classes, 0 for background) / temperature. The class weights
 are normalised text embeddings held as a buffer, so nothing of the classifier trains and the
 vocabulary can be swapped at test time (train on base classes, test on base + novel).

@@ -1,6 +1,6 @@
 """Open-vocabulary Faster R-CNN (C4) on a CLIP ResNet, built from torchvision pieces.
 
-RegionCLIP's ``CLIPFastRCNN`` (reference facts §4.1-4.2), written out explicitly:
+RegionCLIP's ``CLIPFastRCNN``, written out explicitly:
 
 - backbone: the CLIP ``ModifiedResNet`` stem → layer1..layer3 (C4, stride 16), every BatchNorm
   frozen (``FrozenBatchNorm2d``), the first ``freeze_at`` stages frozen (2 = stem + layer1);
@@ -28,27 +28,18 @@ from torch import Tensor, nn
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 
 from regionclip.config import TransferConfig
 from regionclip.models.region import RegionEncoder
+from regionclip.models.rpn import rpn_module
+from regionclip.models.towers import freeze_stages, require_resnet
 from regionclip.transfer.classifier import TextClassifier, ov_classification_loss
 
-STEM = ("conv1.", "bn1.", "conv2.", "bn2.", "conv3.", "bn3.")
 # torchvision's Fast R-CNN box-delta weights and clamp (Detectron2 uses the same values)
 BBOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 SMOOTH_L1_BETA = 1.0 / 9
-
-
-def freeze_stages(visual: ModifiedResNet, freeze_at: int) -> None:
-    """Detectron2's ``FREEZE_AT``: 0 = nothing, 1 = stem, 2 = stem + layer1, ... up to 5 (all of C5)."""
-    if not 0 <= freeze_at <= 5:
-        raise ValueError(f"freeze_at={freeze_at}: expected 0 to 5")
-    prefixes = (STEM if freeze_at >= 1 else ()) + tuple(f"layer{k}." for k in range(1, freeze_at))
-    for name, p in visual.named_parameters():
-        if name.startswith(prefixes):
-            p.requires_grad_(False)
 
 
 class OpenVocabFasterRCNN(nn.Module):
@@ -77,11 +68,7 @@ class OpenVocabFasterRCNN(nn.Module):
         detections_per_image: int = 100,
     ):
         super().__init__()
-        if not isinstance(visual, ModifiedResNet):
-            raise TypeError(
-                f"the C4 detector needs a CLIP ResNet image tower (ModifiedResNet), got {type(visual).__name__}"
-            )
-        visual = freeze_batch_norm_2d(visual)
+        visual = freeze_batch_norm_2d(require_resnet(visual, "the C4 detector"))
         freeze_stages(visual, freeze_at)
         self.encoder = RegionEncoder(visual, pooler_resolution or None)
         dim = self.encoder.output_dim
@@ -246,28 +233,19 @@ def build_c4_rpn(visual: ModifiedResNet, cfg: TransferConfig) -> RegionProposalN
         sizes=(tuple(int(s) for s in cfg.rpn_anchor_sizes),),
         aspect_ratios=(tuple(float(a) for a in cfg.rpn_aspect_ratios),),
     )
-    return RegionProposalNetwork(
-        anchors,
-        RPNHead(channels, anchors.num_anchors_per_location()[0]),
-        fg_iou_thresh=0.7,
-        bg_iou_thresh=0.3,
-        batch_size_per_image=256,
-        positive_fraction=0.5,
-        pre_nms_top_n={"training": cfg.rpn_pre_nms_top_n_train, "testing": cfg.rpn_pre_nms_top_n_test},
-        post_nms_top_n={"training": cfg.rpn_post_nms_top_n_train, "testing": cfg.rpn_post_nms_top_n_test},
-        nms_thresh=cfg.rpn_nms_thresh,
-    )
+    # Detectron2's RPN defaults: IoU 0.7 / 0.3, 256 anchors per image, half positive
+    return rpn_module(
+        RegionProposalNetwork, anchors, channels, 0.7, 0.3, 256, 0.5,
+        (cfg.rpn_pre_nms_top_n_train, cfg.rpn_pre_nms_top_n_test),
+        (cfg.rpn_post_nms_top_n_train, cfg.rpn_post_nms_top_n_test), cfg.rpn_nms_thresh,
+    )  # fmt: skip
 
 
 def build_detector(visual: ModifiedResNet, embeddings: Tensor, cfg: TransferConfig) -> OpenVocabFasterRCNN:
     """The detector of ``cfg`` on ``visual`` with ``embeddings`` [C, D] (the training vocabulary)."""
     if cfg.proposals not in ("frozen", "trainable"):
         raise ValueError(f"transfer.proposals={cfg.proposals!r}: expected 'frozen' or 'trainable'")
-    if not isinstance(visual, ModifiedResNet):
-        raise TypeError(
-            f"transfer needs a CLIP ResNet image tower (ModifiedResNet), got {type(visual).__name__}"
-        )
-    dim = visual.attnpool.c_proj.out_features
+    dim = require_resnet(visual, "transfer").attnpool.c_proj.out_features
     classifier = TextClassifier(dim, embeddings, cfg.temperature)
     rpn = build_c4_rpn(visual, cfg) if cfg.proposals == "trainable" else None
     return OpenVocabFasterRCNN(

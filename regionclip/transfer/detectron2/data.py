@@ -6,7 +6,7 @@
   at once, so the model can pick its vocabulary before any json is loaded;
 - :func:`clip_augmentations`: Detectron2's resize + flip, with bicubic resizing as RegionCLIP;
 - :class:`OVDEvaluator`: COCO results → AP50 all / base / novel + the 12 COCO metrics
-  (:func:`regionclip.evaluation.coco_ap_by_split`), written like ``make transfer``'s
+  (:func:`regionclip.evaluation.coco_ap.ap_summary`), written like ``make transfer``'s
   ``metrics.json`` / ``detections.json``.
 """
 
@@ -25,9 +25,10 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from PIL import Image
 
-from regionclip.evaluation import coco_ap_by_split
-from regionclip.proposals import ProposalError, category_splits
-from regionclip.transfer.engine import TransferError, read_categories, read_eval_images
+from regionclip.data.coco import category_splits, read_categories, read_coco
+from regionclip.errors import TransferError
+from regionclip.evaluation.coco_ap import ap_summary, coco_ap_by_split
+from regionclip.evaluation.evaluator import to_coco_results
 from regionclip.utils import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,10 @@ def register_datasets(cfg) -> list[str]:
                 )
             names.append(name)
             continue
-        categories = sorted(read_categories(json_file), key=lambda c: c["id"])  # load_coco_json's order
-        read_eval_images(json_file, image_root)
+        categories = sorted(
+            read_categories(json_file, TransferError), key=lambda c: c["id"]
+        )  # load_coco_json's order
+        read_coco(json_file, image_root, error=TransferError)  # every image file exists
         register_coco_instances(name, {}, json_file, image_root)
         MetadataCatalog.get(name).set(
             thing_classes=[c["name"] for c in categories],
@@ -120,7 +123,8 @@ class OVDEvaluator(DatasetEvaluator):
         meta = MetadataCatalog.get(dataset_name)
         self.dataset_name = dataset_name
         self.json_file = meta.json_file
-        self.category_of = {i: cid for cid, i in meta.thing_dataset_id_to_contiguous_id.items()}
+        contiguous = meta.thing_dataset_id_to_contiguous_id
+        self.category_ids = [cid for cid, _ in sorted(contiguous.items(), key=lambda kv: kv[1])]
         self.output_dir = Path(output_dir) if output_dir else None
         self.train_json = train_json
         self.reset()
@@ -133,40 +137,24 @@ class OVDEvaluator(DatasetEvaluator):
         for inp, out in zip(inputs, outputs, strict=True):
             self._images += 1
             inst = out["instances"].to("cpu")
-            boxes = inst.pred_boxes.tensor.clone()
-            boxes[:, 2:] -= boxes[:, :2]
-            for box, score, label in zip(
-                boxes.tolist(), inst.scores.tolist(), inst.pred_classes.tolist(), strict=True
-            ):
-                self._results.append({
-                    "image_id": inp["image_id"],
-                    "category_id": self.category_of[int(label)],
-                    "bbox": [round(v, 2) for v in box],
-                    "score": round(float(score), 5),
-                })  # fmt: skip
+            self._results.extend(
+                to_coco_results(
+                    inp["image_id"], inst.pred_boxes.tensor, inst.scores, inst.pred_classes, self.category_ids
+                )
+            )
 
     def evaluate(self) -> OrderedDict:
         results = list(itertools.chain(*comm.gather(self._results, dst=0)))
         images = sum(comm.gather(self._images, dst=0))
         if not comm.is_main_process():
             return OrderedDict()
-        categories = read_categories(self.json_file)
-        try:
-            split_of = category_splits(categories, self.train_json or None)
-        except ProposalError as e:
-            raise TransferError(str(e)) from e
-        splits = {s: [c for c, v in split_of.items() if v == s] for s in ("base", "novel")}
-        metrics = coco_ap_by_split(self.json_file, results, splits)
-        with_gt = metrics["per_category_AP50"]
+        categories = read_categories(self.json_file, TransferError)
+        splits = category_splits(categories, train_json=self.train_json or None, error=TransferError)
         summary = {
             "dataset": self.dataset_name,
-            **{f"AP50_{s}": metrics["AP50"].get(s) for s in ("all", "base", "novel")},
-            "AP": metrics["AP"],
-            "coco": metrics["coco"],
-            "classes_with_boxes": {s: sum(c in with_gt for c in ids) for s, ids in [("all", list(split_of)), *splits.items()]},
-            "AP50_per_class": {str(c): v for c, v in with_gt.items()},
+            **ap_summary(coco_ap_by_split(self.json_file, results, splits), categories, splits),
             "eval": {"images": images, "detections": len(results)},
-        }  # fmt: skip
+        }
         if self.output_dir is not None:
             atomic_write_json(self.output_dir / DETECTIONS_FILE, results)
             atomic_write_json(self.output_dir / METRICS_FILE, summary)

@@ -6,7 +6,7 @@ and this one loads with ``weights_only=True`` (nothing to unpickle). Keys follow
 layout, which is also the one :class:`~regionclip.transfer.detectron2.modeling.CLIPResNetC4`
 registers: ``backbone.{conv1..3, bn1..3, layer1..4, attnpool}.*``.
 
-BatchNorm statistics (reference facts §4.4): Detectron2's ``FrozenBatchNorm2d`` fills in
+BatchNorm statistics: Detectron2's ``FrozenBatchNorm2d`` fills in
 ``running_mean = 0`` / ``running_var = 1`` for every FrozenBN whose statistics are *absent*
 from a checkpoint without version metadata (a plain dict, as here) — silently, without
 reporting them missing. Every BatchNorm's ``running_mean`` and ``running_var`` is therefore
@@ -18,21 +18,21 @@ No Detectron2 import here: exporting works where Detectron2 is not installed.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from open_clip.modified_resnet import ModifiedResNet
 from torch import Tensor, nn
 
 from regionclip.config import ClipModelConfig
+from regionclip.data.coco import read_categories
+from regionclip.errors import TransferError
 from regionclip.models.loading import load_clip
+from regionclip.models.towers import require_resnet
 from regionclip.text import embed_class_names, embedding_metadata, save_embeddings
-from regionclip.transfer.engine import TransferError, read_categories
-from regionclip.utils import atomic_output, atomic_write_json
+from regionclip.utils import atomic_output, atomic_write_json, read_json
 
 FORMAT = "regionclip.detectron2"
 FORMAT_VERSION = 1
@@ -53,10 +53,7 @@ def backbone_state_dict(visual: nn.Module) -> dict[str, Tensor]:
     Raises:
         TypeError: ``visual`` is not an open_clip ``ModifiedResNet``.
     """
-    if not isinstance(visual, ModifiedResNet):
-        raise TypeError(
-            f"the Detectron2 C4 detector needs a CLIP ResNet image tower (ModifiedResNet), got {type(visual).__name__}"
-        )
+    require_resnet(visual, "the Detectron2 C4 detector")
     state = {
         PREFIX + k: v.detach().to("cpu", torch.float32).contiguous()
         for k, v in visual.state_dict().items()
@@ -74,7 +71,7 @@ def backbone_state_dict(visual: nn.Module) -> dict[str, Tensor]:
 
 def class_names(jsons: Sequence[str | os.PathLike]) -> list[str]:
     """Category names of COCO jsons, in file order, each once."""
-    return list(dict.fromkeys(c["name"] for path in jsons for c in read_categories(path)))
+    return list(dict.fromkeys(c["name"] for path in jsons for c in read_categories(path, TransferError)))
 
 
 def export_student(
@@ -128,12 +125,7 @@ def export_student(
 def read_arch(path: str | os.PathLike) -> dict[str, Any]:
     """An open_clip architecture dict from a JSON file: the sidecar written by :func:`export_student`,
     an open_clip model config, or a checkpoint folder's ``open_clip_config.json`` (``model_cfg``)."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ValueError(f"open_clip architecture {path}: cannot read: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"open_clip architecture {path}: invalid JSON: {e}") from None
+    data = read_json(path, "open_clip architecture", TransferError)
     if isinstance(data, dict) and isinstance(data.get("model_cfg"), dict):
         data = data["model_cfg"]
     if not isinstance(data, dict) or not isinstance(data.get("vision_cfg"), dict) or "embed_dim" not in data:

@@ -1,4 +1,4 @@
-"""RegionCLIP's open-vocabulary C4 detector on Detectron2's registries (reference facts §4.1-4.2).
+"""RegionCLIP's open-vocabulary C4 detector on Detectron2's registries.
 
 Importing this module registers:
 
@@ -14,10 +14,10 @@ Importing this module registers:
   the project's frozen RPN (``MODEL.CLIP.RPN_DIR``) or, without one, from a trainable Detectron2
   RPN on res4.
 
-Why the frozen RPN is the project's own network, loaded by :func:`regionclip.proposals.load_rpn`
+Why the frozen RPN is the project's own network, loaded by :func:`regionclip.models.rpn.load_rpn`
 and kept out of the state dict (:class:`OfflineProposals`): RegionCLIP loads its RPN as a second
 checkpoint into the same model, and a second load can reset every CLIP FrozenBN missing from it
-to identity statistics (facts §4.4). Here checkpoints hold only the recognition branch, so
+to identity statistics. Here checkpoints hold only the recognition branch, so
 loading one can neither overwrite nor reset the RPN, and the RPN is always exactly the file the
 config names. The RPN runs on the un-normalised image (it normalises and resizes itself).
 """
@@ -49,13 +49,14 @@ from open_clip.model import CLIPVisionCfg
 from open_clip.modified_resnet import ModifiedResNet
 from torch import Tensor, nn
 
+from regionclip.errors import ProposalError, TransferError
 from regionclip.models.region import attention_pool
-from regionclip.proposals import ProposalError, ProposalNetwork, load_rpn
+from regionclip.models.rpn import ProposalNetwork, load_rpn
+from regionclip.models.towers import freeze_stages
 from regionclip.text import load_embeddings
 from regionclip.transfer.classifier import TextClassifier, ov_classification_loss
 from regionclip.transfer.detectron2.export import ARCH_SUFFIX, read_arch, sidecar
-from regionclip.transfer.engine import TransferError, select_embeddings
-from regionclip.transfer.torchvision_rcnn import freeze_stages
+from regionclip.transfer.vocabulary import select_embeddings
 
 C4_STRIDE = 16
 

@@ -26,10 +26,10 @@ from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from regionclip.errors import TransferError
 from regionclip.transfer.detectron2.config import add_regionclip_config
 from regionclip.transfer.detectron2.data import OVDEvaluator, clip_augmentations, register_datasets
 from regionclip.transfer.detectron2.modeling import clip_arch, test_vocabulary
-from regionclip.transfer.engine import TransferError
 
 
 def setup_cfg(config_file: str, opts: list[str]):

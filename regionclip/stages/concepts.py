@@ -25,11 +25,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
+from webdataset.shardlists import expand_urls
 
 from regionclip.concepts.parse import CaptionParser, read_word_list, select_vocabulary
-from regionclip.config import ExperimentConfig, section_hash, to_dict
-from regionclip.data.shards import SampleErrors, error_record, iter_image_text
+from regionclip.config import ClipModelConfig, ConceptsConfig, section_hash, to_dict
+from regionclip.data.coco import read_categories
+from regionclip.data.sample_errors import SampleErrors, error_record
+from regionclip.data.shards import iter_image_text
+from regionclip.engine.run_cache import file_stamp, read_record
+from regionclip.models.loading import WEIGHTS_FILE, load_clip
+from regionclip.text import embed_class_names, embedding_metadata, save_embeddings
 from regionclip.utils import atomic_output, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -123,52 +130,27 @@ class CategoryMentions:
         }
 
 
-def read_categories(path: str) -> list[str]:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read categories file {path}: {e}") from None
-    if not isinstance(data, list) or not all(
-        isinstance(c, dict) and isinstance(c.get("name"), str) for c in data
-    ):
-        raise ValueError(f"{path}: expected a JSON list of objects with a 'name' string")
-    return [c["name"] for c in data]
-
-
 # --------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------
 
 
-def _file_identity(path: str) -> dict[str, Any]:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return {"path": path}  # a URL / pipe: command; its name is all we can record
-    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def input_identity(cfg: ExperimentConfig) -> list[dict[str, Any]]:
+def input_identity(c: ConceptsConfig, teacher: ClipModelConfig) -> list[dict[str, Any]]:
     """What the outputs depend on besides the config values: the caption and word-list files and
     the teacher's weights file (a retrained teacher at the same path needs new embeddings)."""
-    from webdataset.shardlists import expand_urls
-
-    from regionclip.models.loading import WEIGHTS_FILE
-
-    c = cfg.concepts
     sources = [c.captions] if is_text_file(c.captions) else expand_urls(c.captions)
     files = sources + [p for p in (c.stop_list, c.include, c.exclude, c.categories_json) if p]
-    teacher = cfg.teacher.pretrained
-    if teacher:
-        files.append(str(Path(teacher) / WEIGHTS_FILE) if Path(teacher).is_dir() else teacher)
-    return [_file_identity(p) for p in files]
+    if teacher.pretrained:
+        files.append(
+            str(Path(teacher.pretrained) / WEIGHTS_FILE)
+            if Path(teacher.pretrained).is_dir()
+            else teacher.pretrained
+        )
+    return [file_stamp(p) for p in files]
 
 
 def is_up_to_date(out_dir: Path, config_hash: str, inputs: list[dict[str, Any]]) -> bool:
-    try:
-        summary = json.loads((out_dir / SUMMARY).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return False
+    summary = read_record(out_dir / SUMMARY) or {}
     return (
         summary.get("config_hash") == config_hash
         and summary.get("inputs") == inputs
@@ -176,14 +158,17 @@ def is_up_to_date(out_dir: Path, config_hash: str, inputs: list[dict[str, Any]])
     )
 
 
-def parse_captions(cfg: ExperimentConfig, raw_phrases: Path) -> dict[str, Any]:
+def parse_captions(c: ConceptsConfig, raw_phrases: Path) -> dict[str, Any]:
     """Parse every caption; write per-key phrases (all concepts, unfiltered) to ``raw_phrases``."""
-    c = cfg.concepts
     errors = SampleErrors()
     parser = CaptionParser(
         c.spacy_model, batch_size=c.batch_size, n_process=c.n_process, cache_size=c.cache_size
     )
-    categories = CategoryMentions(read_categories(c.categories_json)) if c.categories_json else None
+    categories = (
+        CategoryMentions([cat["name"] for cat in read_categories(c.categories_json)])
+        if c.categories_json
+        else None
+    )
     counts: Counter = Counter()
     keys: deque[str] = deque()  # key of each caption handed to the parser, in order
     n_read = n_cleaned_out = 0  # captions decoded / dropped by clean_caption
@@ -261,12 +246,14 @@ def write_phrases(raw_phrases: Path, path: Path, pool: set[str]) -> int:
     return n
 
 
-def build_concepts(cfg: ExperimentConfig, force: bool = False) -> dict[str, Any]:
-    """Run the stage; returns the summary (also written to ``<out_dir>/summary.json``)."""
-    c = cfg.concepts
+def build_concepts(
+    c: ConceptsConfig, teacher: ClipModelConfig, device: torch.device, force: bool = False
+) -> dict[str, Any]:
+    """Run the stage with the ``teacher``'s text tower on ``device``; returns the summary (also
+    written to ``<out_dir>/summary.json``)."""
     out_dir = Path(c.out_dir)
-    config_hash = section_hash(c, cfg.teacher)
-    inputs = input_identity(cfg)
+    config_hash = section_hash(c, teacher)
+    inputs = input_identity(c, teacher)
     if not force and is_up_to_date(out_dir, config_hash, inputs):
         summary = json.loads((out_dir / SUMMARY).read_text(encoding="utf-8"))
         summary["skipped_run"] = True
@@ -284,7 +271,7 @@ def build_concepts(cfg: ExperimentConfig, force: bool = False) -> dict[str, Any]
 
     raw_phrases = out_dir / f".caption_phrases.raw-{os.getpid()}.jsonl"
     try:
-        parsed = parse_captions(cfg, raw_phrases)
+        parsed = parse_captions(c, raw_phrases)
         stats, counts = parsed["stats"], parsed["counts"]
         timings["parse"] = stats["parse_seconds"]
         if stats["captions_parsed"] == 0:
@@ -311,15 +298,17 @@ def build_concepts(cfg: ExperimentConfig, force: bool = False) -> dict[str, Any]
         raw_phrases.unlink(missing_ok=True)
 
     t0 = time.perf_counter()
-    identity = embed_concepts(cfg, names, out_dir / "concept_embeddings.safetensors", config_hash)
+    identity = embed_concepts(
+        c, teacher, device, names, out_dir / "concept_embeddings.safetensors", config_hash
+    )
     timings["embed"] = round(time.perf_counter() - t0, 3)
 
-    import spacy
+    import spacy  # loaded by the parser already; here for its version
 
     summary = {
         "config_hash": config_hash,
         "inputs": inputs,
-        "config": {"concepts": to_dict(c), "teacher": to_dict(cfg.teacher)},
+        "config": {"concepts": to_dict(c), "teacher": to_dict(teacher)},
         **{k: v for k, v in stats.items() if k != "parse_seconds"},
         "concepts": len(names),
         "concepts_from_include_only": sum(1 for _, n in vocab if n < c.min_count),
@@ -334,17 +323,17 @@ def build_concepts(cfg: ExperimentConfig, force: bool = False) -> dict[str, Any]
     return summary
 
 
-def embed_concepts(cfg: ExperimentConfig, names: list[str], path: Path, config_hash: str) -> dict[str, str]:
+def embed_concepts(
+    c: ConceptsConfig,
+    teacher: ClipModelConfig,
+    device: torch.device,
+    names: list[str],
+    path: Path,
+    config_hash: str,
+) -> dict[str, str]:
     """Embed ``names`` with the teacher's text tower and the configured templates; returns its identity."""
-    from regionclip.models.loading import load_clip
-    from regionclip.text import embed_class_names, embedding_metadata, save_embeddings
-    from regionclip.utils import resolve_device
-
-    device = resolve_device(cfg.device)
-    loaded = load_clip(cfg.teacher, device=device)
-    embeddings = embed_class_names(
-        loaded, names, cfg.concepts.templates, cfg.concepts.text_batch_size, device
-    )
-    meta = {**embedding_metadata(loaded, cfg.concepts.templates), "concepts_config_hash": config_hash}
+    loaded = load_clip(teacher, device=device)
+    embeddings = embed_class_names(loaded, names, c.templates, c.text_batch_size, device)
+    meta = {**embedding_metadata(loaded, c.templates), "concepts_config_hash": config_hash}
     save_embeddings(path, embeddings, names, meta, normalized=False)
     return dict(loaded.identity)

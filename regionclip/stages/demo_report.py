@@ -1,179 +1,36 @@
-"""`make demo`: the plan of the whole pipeline on EmojiWorld, per seed, and its report.
-
-The plan (:func:`plan_seed`) lists every stage of one seed as an entry point and its argv:
-
-    data -> teacher -> rpn -> concepts -> pseudolabel -> pseudolabel of the other mode (first
-    input shard only, for its label precision) -> student -> eval teacher -> eval student ->
-    transfer from the teacher (tag clip) -> transfer from the student (tag regionclip)
-
-Every stage after the teacher loads the teacher that the demo trained (``teacher.pretrained`` =
-the teacher run's ``final`` folder). ``key=value`` overrides reach every stage, except that
-``pretrain.*`` keys go to the student only: the teacher's ``pretrain`` section is its own config
-file's (``teacher_overrides`` change it). Each stage skips itself when its outputs match its config.
-
-The report reads the stages' outputs into ``results.json`` (:func:`build_results`), averages
-seeds (:func:`aggregate`: mean and sample standard deviation of every figure), and renders
-``RESULTS.md`` (:func:`results_markdown`) and the loss curves (:func:`draw_loss_curves`).
-"""
+"""The demo's report: ``results.json`` of a seed (:func:`build_results`), the mean ± std over seeds
+(:func:`aggregate`), ``RESULTS.md`` (:func:`results_markdown`) and the three pictures."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from PIL import Image, ImageDraw, ImageFont
+import torch
+from PIL import Image
 
-from regionclip.config import ExperimentConfig, load_config, section_hash
+from regionclip.config import section_hash
+from regionclip.data.detection import load_rgb
+from regionclip.data.pseudo_labels import iter_pseudo_labels
+from regionclip.evaluation.label_precision import label_precision
+from regionclip.labeling.modes import other_mode
+from regionclip.utils import atomic_write_json, atomic_write_text
+from regionclip.viz import draw_detections, draw_loss_curves, draw_pseudo_labels, image_grid, save_png
+
+if TYPE_CHECKING:
+    from regionclip.stages.demo import SeedPlan
 
 SPLITS = ("all", "base", "novel")
-OTHER_MODE = {"pool": "caption", "caption": "pool"}
 # results.json figures that are fractions in [0, 1] (shown as %)
 FRACTION_PREFIXES = ("region_acc.", "ovd_ap50.", "pseudolabel.precision", "concepts.category_recall")
-
-
-@dataclass
-class Stage:
-    """One entry point call: ``importlib.import_module(module).main(argv)``."""
-
-    name: str
-    module: str
-    argv: list[str]
-    outputs: list[str]  # files/folders it writes: unchanged after the call = it was up to date
-
-    def command(self) -> str:
-        prog = f"python {self.module}.py" if self.module == "pretrain" else f"python -m {self.module}"
-        return " ".join([prog, *self.argv])
-
-
-@dataclass
-class SeedPlan:
-    """The stages of one seed and the files its report reads."""
-
-    seed: int
-    out_dir: Path
-    cfg: ExperimentConfig  # the config of the stages after the teacher
-    stages: list[Stage]
-    files: dict[str, Any] = field(default_factory=dict)
-
-
-def seed_dir(base: str | Path, seed: int, several: bool) -> Path:
-    """One seed runs in ``base``; several run in ``base/seed<N>`` each."""
-    return Path(base) / f"seed{seed}" if several else Path(base)
-
-
-def seed_overrides(base_cfg: ExperimentConfig, seed: int, several: bool) -> list[str]:
-    """``seed=N``, and with several seeds their own output dir around one shared EmojiWorld."""
-    if not several:
-        return [f"seed={seed}"]
-    out = seed_dir(base_cfg.output_dir, seed, True)
-    return [f"seed={seed}", f"output_dir={out}", f"emojiworld.out_dir={base_cfg.emojiworld.out_dir}"]
-
-
-def plan_seed(
-    config: str,
-    teacher_config: str,
-    overrides: Sequence[str],
-    teacher_overrides: Sequence[str],
-    seed: int,
-    several: bool,
-) -> SeedPlan:
-    """Every stage of one seed, in order, with the argv each entry point gets.
-
-    Raises:
-        ConfigError: a config file or override is invalid.
-        ValueError: the pseudo-label input shards name nothing.
-    """
-    from regionclip.pseudolabel import plan_outputs
-
-    base_cfg = load_config(config, list(overrides))
-    common = [o for o in overrides if not o.strip().startswith("pretrain.")]
-    per_seed = seed_overrides(base_cfg, seed, several)
-    teacher_ov = [*common, *per_seed, *teacher_overrides]
-    tcfg = load_config(teacher_config, teacher_ov)
-    teacher_final = str(Path(tcfg.pretrain.out_dir) / "final")
-    ov = [*overrides, *per_seed, f"teacher.pretrained={teacher_final}"]
-    cfg = load_config(config, ov)
-    student_final = str(Path(cfg.pretrain.out_dir) / "final")
-    other = OTHER_MODE.get(cfg.pseudolabel.mode)
-    if other is None:
-        raise ValueError(f"pseudolabel.mode={cfg.pseudolabel.mode!r}: expected one of {sorted(OTHER_MODE)}")
-    first_shard = plan_outputs(cfg.pseudolabel)[0][0]
-    other_ov = [
-        f"pseudolabel.mode={other}",
-        f"pseudolabel.input_shards={first_shard}",
-        f"pseudolabel.out_dir={Path(cfg.output_dir) / f'pseudolabels-{other}-first-shard'}",
-    ]
-    evals = {"teacher": [], "student": [f"eval.model.pretrained={student_final}"]}
-    transfers = {"clip": [], "regionclip": [f"transfer.init.pretrained={student_final}"]}
-
-    def args(cfg_file: str, extra: list[str]) -> list[str]:
-        return ["--config", cfg_file, *extra]
-
-    stages = [
-        Stage("data", "data_prep.emojiworld", args(config, ov), [cfg.emojiworld.out_dir]),
-        Stage("teacher", "pretrain", args(teacher_config, teacher_ov), [tcfg.pretrain.out_dir]),
-        Stage("rpn", "pipelines.rpn", args(config, ov), [cfg.rpn.out_dir]),
-        Stage("concepts", "pipelines.concepts", args(config, ov), [cfg.concepts.out_dir]),
-        Stage("pseudolabel", "pipelines.pseudolabel", args(config, ov), [cfg.pseudolabel.out_dir]),
-    ]
-    other_cfg = load_config(config, [*ov, *other_ov])
-    stages.append(
-        Stage(
-            f"pseudolabel_{other}",
-            "pipelines.pseudolabel",
-            args(config, [*ov, *other_ov]),
-            [other_cfg.pseudolabel.out_dir],
-        )
-    )
-    stages.append(Stage("student", "pretrain", args(config, ov), [cfg.pretrain.out_dir]))
-    files: dict[str, Any] = {}
-    for tag, extra in evals.items():
-        stage_ov = [*ov, *extra, f"eval.tag={tag}"]
-        out = Path(load_config(config, stage_ov).eval.out_dir)
-        files[f"eval_{tag}"] = str(out / f"{tag}.json")
-        outputs = [files[f"eval_{tag}"], str(out / f"{tag}.detections.json")]
-        stages.append(Stage(f"eval_{tag}", "pipelines.eval", args(config, stage_ov), outputs))
-    for tag, extra in transfers.items():
-        stage_ov = [*ov, *extra, f"transfer.tag={tag}"]
-        out = load_config(config, stage_ov).transfer.out_dir
-        files[f"transfer_{tag}"] = out
-        stages.append(Stage(f"transfer_{tag}", "pipelines.transfer", args(config, stage_ov), [out]))
-    files.update(
-        config=config,
-        teacher_config=teacher_config,
-        mode=cfg.pseudolabel.mode,
-        other_mode=other,
-        pseudolabels=[str(p) for _, p in plan_outputs(cfg.pseudolabel)],
-        other_pseudolabels=[str(p) for _, p in plan_outputs(other_cfg.pseudolabel)],
-        concept_names=str(Path(cfg.pseudolabel.concepts).with_suffix(".txt")),
-        concepts_summary=str(Path(cfg.concepts.out_dir) / "summary.json"),
-        teacher_losses=str(Path(tcfg.pretrain.out_dir) / "losses.jsonl"),
-        student_losses=str(Path(cfg.pretrain.out_dir) / "losses.jsonl"),
-        val_json=cfg.data.val_json,
-        image_root=cfg.data.image_root,
-    )
-    return SeedPlan(seed, Path(cfg.output_dir), cfg, stages, files)
-
-
-def snapshot(paths: Sequence[str | os.PathLike]) -> dict[str, tuple[int, int]]:
-    """``{file: (size, mtime_ns)}`` of every file in ``paths`` (files or folders, missing = none)."""
-    found: dict[str, tuple[int, int]] = {}
-    for root in map(Path, paths):
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        for f in files:
-            st = f.stat()
-            found[str(f)] = (st.st_size, st.st_mtime_ns)
-    return found
-
-
-# --------------------------------------------------------------------------------------------
-# Results of one seed
-# --------------------------------------------------------------------------------------------
+LOSS_TERMS = ("loss", "image_text", "distill", "contrastive")
+GRID_IMAGES = 16
+DETECTION_MIN_SCORE = 0.3
+DETECTIONS_PER_IMAGE = 6
+CELL = 256
 
 
 def _read_json(path: str | Path) -> Any:
@@ -207,8 +64,6 @@ def build_results(plan: SeedPlan, seconds: dict[str, float], skipped: Sequence[s
     ``seconds`` is the wall time per stage name (``total`` is added); ``skipped`` names the stages
     that found their outputs up to date.
     """
-    from regionclip.pseudolabel import label_precision
-
     f = plan.files
     names = Path(f["concept_names"]).read_text(encoding="utf-8").splitlines()
     mode, other = f["mode"], f["other_mode"]
@@ -364,13 +219,13 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines += ["", "| pseudo-labels and concepts | value |", "|---|---|"]
     pl = results.get("pseudolabel", {})
     trained = pl.get("trained_on", "pool")
-    for mode in (trained, OTHER_MODE.get(trained, "caption")):
+    for mode in (trained, other_mode(trained)):
         scope = pl.get("scope", {}).get(mode, "")
         lines.append(
             f"| label precision, {mode} mode ({scope}) | {_cell(flat, std, f'pseudolabel.precision.{mode}')} |"
         )
     lines.append(
-        f"| label precision, {trained} mode, first input shard only (the images of the {OTHER_MODE.get(trained)} row) | "
+        f"| label precision, {trained} mode, first input shard only (the images of the {other_mode(trained)} row) | "
         f"{_cell(flat, std, f'pseudolabel.precision_first_shard.{trained}')} |"
     )
     lines.append(
@@ -402,9 +257,6 @@ def results_markdown(results: dict[str, Any]) -> str:
 # Pictures
 # --------------------------------------------------------------------------------------------
 
-CURVE_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
-LOSS_TERMS = ("loss", "image_text", "distill", "contrastive")
-
 
 def read_loss_log(path: str | Path) -> dict[str, list[tuple[int, float]]]:
     """``{term: [(step, value), ...]}`` of a ``losses.jsonl`` written by the training loop, sorted
@@ -426,62 +278,57 @@ def read_loss_log(path: str | Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def _panel(title: str, series: dict[str, list[tuple[int, float]]], size: tuple[int, int]) -> Image.Image:
-    w, h = size
-    left, right, top, bottom = 56, 12, 24, 30
-    img = Image.new("RGB", size, (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    draw.text((left, 5), title, fill=(0, 0, 0), font=font)
-    points = [pt for s in series.values() for pt in s]
-    x0, y0, x1, y1 = left, top, w - right, h - bottom
-    draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
-    if not points:
-        draw.text((x0 + 8, y0 + 8), "no losses logged", fill=(0, 0, 0), font=font)
-        return img
-    smin, smax = min(p[0] for p in points), max(p[0] for p in points)
-    vmin, vmax = min(p[1] for p in points), max(p[1] for p in points)
-    smax, vmax = (smax if smax > smin else smin + 1), (vmax if vmax > vmin else vmin + 1)
+def pseudolabel_png(plan: SeedPlan, out: Path) -> None:
+    """A grid of the training pseudo-labels."""
+    names = Path(plan.files["concept_names"]).read_text(encoding="utf-8").splitlines()
+    cells = []
+    for labels in iter_pseudo_labels(plan.files["pseudolabels"]):
+        cells.append(draw_pseudo_labels(labels, names, CELL, min_score=0.0, max_boxes=6))
+        if len(cells) == GRID_IMAGES:
+            break
+    save_png(image_grid(cells), out)
 
-    def xy(step: int, value: float) -> tuple[float, float]:
-        return (
-            x0 + (x1 - x0) * (step - smin) / (smax - smin),
-            y1 - (y1 - y0) * (value - vmin) / (vmax - vmin),
+
+def detections_png(plan: SeedPlan, out: Path) -> None:
+    """A grid of val images with the student-initialised detector's detections (score >=
+    DETECTION_MIN_SCORE, best DETECTIONS_PER_IMAGE)."""
+    val = json.loads(Path(plan.files["val_json"]).read_text(encoding="utf-8"))
+    dets = json.loads(
+        (Path(plan.files["transfer_regionclip"]) / "detections.json").read_text(encoding="utf-8")
+    )
+    cat_index = {c["id"]: k for k, c in enumerate(val["categories"])}
+    names = [c["name"] for c in val["categories"]]
+    cells = []
+    for image in val["images"][:GRID_IMAGES]:
+        mine = sorted(
+            (d for d in dets if d["image_id"] == image["id"] and d["score"] >= DETECTION_MIN_SCORE),
+            key=lambda d: -d["score"],
+        )[:DETECTIONS_PER_IMAGE]
+        im = load_rgb(Path(plan.files["image_root"]) / image["file_name"])
+        scale = CELL / max(im.size)
+        pic = im.resize((round(im.width * scale), round(im.height * scale)))
+        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in mine)]).reshape(
+            -1, 4
         )
-
-    for k, (term, pts) in enumerate(series.items()):
-        colour = CURVE_COLOURS[k % len(CURVE_COLOURS)]
-        coords = [xy(s, v) for s, v in pts]
-        if len(coords) > 1:
-            draw.line(coords, fill=colour, width=2)
-        else:
-            cx, cy = coords[0]
-            draw.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=colour)
-        draw.text((x1 - 90, y0 + 4 + 12 * k), term, fill=colour, font=font)
-    draw.text((4, y0 - 4), f"{vmax:.3g}", fill=(0, 0, 0), font=font)
-    draw.text((4, y1 - 8), f"{vmin:.3g}", fill=(0, 0, 0), font=font)
-    draw.text((x0, y1 + 4), f"step {smin}", fill=(0, 0, 0), font=font)
-    draw.text((x1 - 60, y1 + 4), f"step {smax}", fill=(0, 0, 0), font=font)
-    return img
+        cell = Image.new("RGB", (CELL, CELL), (255, 255, 255))
+        scores = torch.tensor([d["score"] for d in mine])
+        labels = torch.tensor([cat_index[d["category_id"]] for d in mine])
+        cell.paste(draw_detections(pic, boxes * scale, scores, labels, names))
+        cells.append(cell)
+    save_png(image_grid(cells), out)
 
 
-def draw_loss_curves(
-    panels: Sequence[tuple[str, dict[str, list[tuple[int, float]]]]], size: tuple[int, int] = (480, 300)
-) -> Image.Image:
-    """One panel per training run (title, :func:`read_loss_log` series) side by side; each panel
-    has its own axes (the teacher's and the student's losses have different scales)."""
-    cells = [_panel(title, series, size) for title, series in panels]
-    return image_grid(cells, cols=len(cells))
-
-
-def image_grid(cells: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
-    """Cells (the size of the first) in rows of ``cols`` (default: a square-ish grid), white gaps."""
-    if not cells:
-        raise ValueError("no images for the grid")
-    cols = cols or math.ceil(math.sqrt(len(cells)))
-    rows = math.ceil(len(cells) / cols)
-    cw, ch = cells[0].size
-    grid = Image.new("RGB", (cols * cw, rows * ch), (255, 255, 255))
-    for i, cell in enumerate(cells):
-        grid.paste(cell, ((i % cols) * cw, (i // cols) * ch))
-    return grid
+def write_seed_report(plan: SeedPlan, seconds: dict[str, float], skipped: list[str]) -> dict[str, Any]:
+    """``results.json``, ``RESULTS.md`` and the three PNGs of one seed in its folder; returns the results."""
+    results = build_results(plan, seconds, skipped)
+    out = plan.out_dir
+    atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "RESULTS.md", results_markdown(results))
+    pseudolabel_png(plan, out / "pseudolabels.png")
+    detections_png(plan, out / "detections.png")
+    panels = []
+    for name in ("teacher", "student"):
+        log = Path(plan.files[f"{name}_losses"])
+        panels.append((f"{name} training losses", read_loss_log(log) if log.is_file() else {}))
+    save_png(draw_loss_curves(panels), out / "loss_curves.png")
+    return results

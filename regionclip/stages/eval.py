@@ -1,0 +1,122 @@
+"""`make eval`: zero-shot region recognition and zero-shot detection of a CLIP model.
+
+Classifies the GT boxes of ``eval.json`` by region embeddings (top-1/top-5 for all/base/novel)
+and, with ``eval.rpn`` set, detects with RPN proposals and no box regression (COCO AP and AP50
+per split). Writes ``<eval.out_dir>/<tag>.json`` and the detections as COCO results in
+``<tag>.detections.json``; a re-run whose ``<tag>.json`` holds the same run hash (the ``eval``
+section and the model, RPN, json and vocabulary files it names) is skipped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from regionclip.config import ClipModelConfig, EvalConfig, section_hash, to_dict
+from regionclip.data.coco import category_splits, read_coco
+from regionclip.data.sample_errors import SampleErrors
+from regionclip.engine.run_cache import file_digest, finished, run_hash
+from regionclip.evaluation.zero_shot import DetectionParams, region_accuracy, zero_shot_detection
+from regionclip.models.loading import WEIGHTS_FILE, load_clip
+from regionclip.models.rpn import WEIGHTS_FILE as RPN_WEIGHTS_FILE
+from regionclip.models.rpn import load_rpn
+from regionclip.text import check_class_embeddings, class_embeddings_for, load_embeddings, read_names_file
+from regionclip.utils import atomic_write_json
+
+
+def default_tag(model: ClipModelConfig) -> str:
+    """``<model>-<weights>``: the pretrained tag, the checkpoint folder/file name, or ``random``."""
+    if not model.pretrained:
+        weights = "random"
+    elif Path(model.pretrained).exists():
+        weights = Path(model.pretrained.rstrip("/")).stem
+    else:
+        weights = model.pretrained
+    return f"{model.model}-{weights}".replace("/", "_")
+
+
+def eval_run_hash(ev: EvalConfig) -> str:
+    """Hash of the ``eval`` section and the contents of the files it names: the model weights, the
+    RPN weights, the eval json and the vocabulary or class embeddings file."""
+    weights = Path(ev.model.pretrained) if ev.model.pretrained else None
+    if weights is not None and weights.is_dir():
+        weights = weights / WEIGHTS_FILE
+    files = [weights, Path(ev.rpn) / RPN_WEIGHTS_FILE if ev.rpn else None, Path(ev.json)]
+    files += [Path(f) if f else None for f in (ev.vocabulary, ev.class_embeddings)]
+    return run_hash(section_hash(ev), [file_digest(f) if f is not None else "None" for f in files])
+
+
+def result_path(ev: EvalConfig) -> Path:
+    return Path(ev.out_dir) / f"{ev.tag or default_tag(ev.model)}.json"
+
+
+def run_eval(ev: EvalConfig, device: torch.device) -> dict[str, Any] | None:
+    """Evaluate ``ev.model``; returns the report (also in :func:`result_path`), or None when the
+    report of this run hash is already there.
+
+    Raises:
+        ValueError / OSError: bad json, images, vocabulary, weights or RPN (named in the message).
+    """
+    tag = ev.tag or default_tag(ev.model)
+    out = result_path(ev)
+    run = eval_run_hash(ev)
+    if finished(out, run) is not None:
+        return None
+    start = time.perf_counter()
+    errors = SampleErrors()
+    data = read_coco(ev.json, ev.image_root).head(ev.max_images)
+    splits = category_splits(data.categories, novel=ev.novel)
+    loaded = load_clip(ev.model, device)
+    if ev.class_embeddings:
+        embeddings, names, _ = load_embeddings(ev.class_embeddings)
+        vocab_source = ev.class_embeddings
+    else:
+        names = read_names_file(ev.vocabulary) if ev.vocabulary else data.names
+        vocab_source = ev.vocabulary or f"category names of {ev.json}"
+        embeddings = class_embeddings_for(loaded, names, ev.templates, ev.cache_dir or None)
+    check_class_embeddings(embeddings, loaded.embed_dim, len(data.categories), vocab_source, ev.json)
+    accuracy = region_accuracy(
+        loaded, data, ev.image_root, embeddings, splits, ev.short_side, ev.max_side, ev.batch_size, errors
+    )
+    detection = None
+    if ev.rpn:
+        params = DetectionParams(
+            temperature=ev.temperature, score_thresh=ev.score_thresh, nms_thresh=ev.nms, max_dets=ev.max_dets,
+            multiply_rpn_score=ev.multiply_rpn_score, rpn_nms_thresh=ev.rpn_nms, rpn_post_nms_top_n=ev.rpn_topk,
+            short_side=ev.short_side, max_side=ev.max_side,
+        )  # fmt: skip
+        ap, results = zero_shot_detection(
+            loaded,
+            load_rpn(ev.rpn, device),
+            data,
+            ev.image_root,
+            embeddings,
+            splits,
+            params,
+            ev.batch_size,
+            errors,
+        )
+        det_file = Path(ev.out_dir) / f"{tag}.detections.json"
+        atomic_write_json(det_file, results)
+        detection = {**ap, "rpn": ev.rpn, "params": asdict(params), "detections_file": str(det_file)}
+    report = {
+        "tag": tag,
+        "model": loaded.identity,
+        "json": ev.json,
+        "images": len(data.images),
+        "vocabulary": {"source": vocab_source, "names": list(names), "templates": ev.templates},
+        "splits": {name: len(ids) for name, ids in splits.items()},
+        "region_accuracy": accuracy,
+        "zero_shot_detection": detection,
+        "skipped": dict(errors.counts),
+        "skipped_report": errors.report_lines() if errors.counts else [],
+        "seconds": round(time.perf_counter() - start, 2),
+        "config": to_dict(ev),
+        "run_hash": run,
+    }
+    atomic_write_json(out, report)
+    return report
