@@ -17,6 +17,7 @@ from pathlib import Path
 
 from regionclip.evaluation.zero_shot import DetectionParams
 from regionclip.models.loading import model_config_for
+from regionclip.precision import PRECISIONS, resolve_precision
 from regionclip.prompts import TEMPLATE_SETS, parse_prompt
 from regionclip.stages.detect import run_detect
 from regionclip.text import read_names_file
@@ -43,11 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="detections", metavar="DIR", help="output folder (default: %(default)s)")
     for flag, default, text in NUMBER_FLAGS:
         p.add_argument(flag, type=type(default), default=default, help=text)
-    p.add_argument(
-        "--rpn-score", action=argparse.BooleanOptionalAction, default=True, help="sqrt(p x objectness)"
-    )
+    p.add_argument("--rpn-score", action=argparse.BooleanOptionalAction, default=True, help="score x objectness")  # fmt: skip
     p.add_argument("--templates", default="ensemble", choices=sorted(TEMPLATE_SETS))
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")  # fmt: skip
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="compute precision (autocast)")
     return p
 
 
@@ -58,12 +58,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         names = parse_prompt(args.prompt) if args.prompt is not None else read_names_file(args.vocab)
         device = resolve_device(args.device)
+        precision = resolve_precision(args.precision, device, "--precision")
     except ValueError as e:
         parser.error(str(e))
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     params = DetectionParams(args.temperature, args.score_thresh, args.nms, args.max_dets, args.rpn_score,
-                             args.rpn_nms, args.rpn_topk, args.short_side, args.max_side)  # fmt: skip
+                             args.rpn_nms, args.rpn_topk, args.short_side, args.max_side, precision)  # fmt: skip
     try:
         spec = model_config_for(args.model, args.model_config, args.pretrained)
         summary = run_detect(spec, args.rpn, list(map(Path, args.images)), names, params, Path(args.out),

@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"eval {tag}: "
         + "; ".join(parts)
-        + f"; {n} images in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} img/s) -> {out}"
+        + f"; {n} images in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} img/s, {report['precision']}) -> {out}"
     )
     return 0
 

@@ -22,7 +22,7 @@ from regionclip.cli import stage_setup
 from regionclip.stages.pseudolabel import assign_shards, merge_stats, plan_outputs, prepare_run, run_shards
 
 
-def summary_line(total: dict, seconds: float, world: int, out_dir: str) -> str:
+def summary_line(total: dict, seconds: float, world: int, out_dir: str, precision: str) -> str:
     images = total["images"]
     kept, proposed = total["regions_kept"], total["regions_proposed"]
     dropped = ", ".join(f"{k}: {v}" for k, v in sorted(total["dropped"].items())) or "none"
@@ -32,7 +32,7 @@ def summary_line(total: dict, seconds: float, world: int, out_dir: str) -> str:
         f"pseudolabel: {images} images in {total['shards_done'] + total['shards_reused']} shards "
         f"({total['shards_reused']} reused), {proposed} regions proposed, {kept} kept "
         f"({100 * kept / max(proposed, 1):.1f} %), images without regions: {dropped}; "
-        f"skipped samples: {skipped}; {rate:.2f} images/s over {world} process(es); output in {out_dir}"
+        f"skipped samples: {skipped}; {rate:.2f} images/s over {world} process(es) in {precision}; output in {out_dir}"
     )
 
 
@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     total = merge_stats(parts)
     for line in total["report"]:
         print(line, file=sys.stderr)
-    print(summary_line(total, seconds, acc.num_processes, cfg.pseudolabel.out_dir))
+    print(summary_line(total, seconds, acc.num_processes, cfg.pseudolabel.out_dir, labeler.precision))
     if total["unreadable_shards"]:
         print(
             f"error: {len(total['unreadable_shards'])} input shard(s) could not be read to the end and "

@@ -122,7 +122,9 @@ class ClipModelConfig:
     # archives included), or a checkpoint folder written by this project; empty = random init
     pretrained: str = ""
     model_config: str = ""  # JSON file registering a custom architecture under the name `model`
-    precision: str = "fp32"
+    precision: str = (
+        "fp32"  # the weights' dtype in memory (fp32 | bf16 | fp16, GPU only); compute: <stage>.precision
+    )
 
 
 @dataclass
@@ -186,7 +188,7 @@ class RPNConfig:
     lr_decay_at: list[float] = field(default_factory=lambda: [0.667, 0.889])  # fractions of `steps`
     lr_decay_factor: float = 0.1
     hflip_prob: float = 0.5
-    precision: str = "fp32"  # fp32 | bf16 (training under autocast; proposals always in fp32)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (GPU): autocast (regionclip/precision.py)
     checkpoint_every: int = 1000
     num_workers: int = 4
     seed: int = "${seed}"  # type: ignore[assignment]
@@ -219,6 +221,7 @@ class PseudoLabelConfig:
     logits_dtype: str = "float32"  # float32 | float16 (at temperature 0.01 fp16 rounds logits by up to 0.06)
     store_embeddings: bool = False  # fp16 teacher region embeddings [R, D]
     store_image: bool = True  # copy the image bytes so training does not need the source shards
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (GPU): teacher and RPN under autocast
     seed: int = "${seed}"  # type: ignore[assignment]
 
 
@@ -228,7 +231,7 @@ def _student_init() -> ClipModelConfig:
         model="${teacher.model}",
         pretrained="${teacher.pretrained}",
         model_config="${teacher.model_config}",
-        precision="fp32",  # master weights; pretrain.precision=bf16 autocasts on GPU
+        precision="fp32",  # master weights; pretrain.precision decides the compute precision
     )
 
 
@@ -271,7 +274,7 @@ class PretrainConfig:
     gamma: float = 0.1
     max_steps: int = 600_000  # optimizer steps
     grad_clip: float = 5.0  # max global grad norm; 0 = off
-    precision: str = "fp32"  # fp32 | bf16 (autocast, GPU only)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (GPU): autocast, fp32 master weights
     checkpoint_every: int = 5000  # optimizer steps; 0 = only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept; 0 = all
     log_every: int = 20
@@ -308,6 +311,10 @@ class TransferConfig:
     proposals: str = "frozen"  # frozen: the RPN in rpn_dir, as RegionCLIP | trainable: an RPN head on C4
     rpn_dir: str = "${rpn.out_dir}"
     max_proposals: int = 0  # frozen RPN: keep the top-k by objectness per image (0 = all it returns)
+    # also evaluate with the val boxes themselves as proposals (frozen proposals only; skipped with a
+    # warning otherwise): AP50 with
+    # perfect localisation, which tells recognition errors from proposal errors
+    diagnose_gt_boxes: bool = False
     rpn_anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
     rpn_aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     rpn_pre_nms_top_n_train: int = 12000
@@ -335,7 +342,7 @@ class TransferConfig:
     warmup_steps: int = 5000
     lr_decay_at: list[float] = field(default_factory=lambda: [0.667, 0.889])  # fractions of `steps`
     lr_decay_factor: float = 0.1
-    precision: str = "fp32"  # fp32 | bf16 (autocast on GPU)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (GPU): autocast
     checkpoint_every: int = 1000
     num_workers: int = 4
     seed: int = "${seed}"  # type: ignore[assignment]
@@ -379,6 +386,7 @@ class EvalConfig:
     max_dets: int = 100
     multiply_rpn_score: bool = True  # sqrt(class probability x sigmoid objectness)
     max_images: int = 0  # evaluate the first N images only; 0 = all
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (GPU): the model under autocast
 
 
 @dataclass

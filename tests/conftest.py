@@ -52,8 +52,8 @@ def tiny_vit_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
 # The tiny preset's demo plan, in order (pool mode trains; caption mode is labelled for comparison).
 TINY_DEMO_STAGES = [
-    "data", "teacher", "rpn", "concepts", "pseudolabel", "pseudolabel_caption", "student",
-    "eval_teacher", "eval_student", "transfer_clip", "transfer_regionclip",
+    "data", "teacher", "rpn", "concepts", "pseudolabel", "pseudolabel_caption", "student", "control",
+    "eval_teacher", "eval_control", "eval_student", "transfer_clip", "transfer_control", "transfer_regionclip",
 ]  # fmt: skip
 
 

@@ -9,6 +9,8 @@ import pytest
 from pipelines.bench import BENCHMARKS, main
 from regionclip.benchmarks import REPO, render_markdown, run_in_subprocess
 from regionclip.benchmarks.pretrain import bench_pretrain
+from regionclip.benchmarks.pseudolabel import SIZES as PSEUDOLABEL_SIZES
+from regionclip.benchmarks.pseudolabel import bench_pseudolabel
 
 MACHINE = {
     "cpu": "Test CPU",
@@ -141,15 +143,40 @@ def test_pretrain_bench_toy_size(tmp_path):
         ],
     }
     result = bench_pretrain(tmp_path, repeats=1, warmup=0, device="cpu", sizes={"rn50": tiny}, only="rn50")
-    figures = [k for k in BENCHMARKS["pretrain"].figures if "demo" not in k]
-    assert len(figures) == 8 and all(result[k] > 0 for k in figures), {k: result.get(k) for k in figures}
+    figures = [k for k in BENCHMARKS["pretrain"].figures if k.startswith("rn50_")]
+    assert len(figures) == 13 and all(result[k] > 0 for k in figures), {k: result.get(k) for k in figures}
     assert not any("demo" in k for k in result)  # only the size asked for
     setup = result["rn50_setup"]
     assert setup["regions_per_image"] == [3, 3] and setup["regions_per_step"] == 6
     assert result["rn50_runs"]["first_loss_abs_diff"] < 1e-4  # same batch, same student in both modes
-    assert result["rn50_offline_vs_online"] == pytest.approx(
-        result["rn50_online_step_s"] / result["rn50_offline_step_s"], rel=0.05
+    assert result["rn50_online_fp32_over_offline_bf16"] == pytest.approx(
+        result["rn50_online_step_s_fp32"] / result["rn50_offline_step_s_bf16"], rel=0.05
     )
-    assert result["pretrain_offline_vs_online"] == result["rn50_offline_vs_online"]
+    floor = setup["floor_s"]["fp32"]
+    assert floor == pytest.approx(result["rn50_step_gflop"] / setup["gemm_gflop_per_s"]["fp32"], rel=0.01)
+    (table,) = result["tables"].values()
+    assert table[0].startswith("| operator |") and len(table) == 2 + 12
     with pytest.raises(ValueError, match="only='rn101'"):
         bench_pretrain(tmp_path, only="rn101")
+
+
+def test_pseudolabel_bench_toy_size(tmp_path):
+    """Both precisions at toy size: every per-precision figure is there, the headline is fp32's."""
+    toy = {**PSEUDOLABEL_SIZES["demo"], "image_wh": (48, 40), "short_side": 48, "max_side": 48,
+           "concepts": 8, "batch_size": 2}  # fmt: skip
+    toy["rpn"] = {**toy["rpn"], "backbone": "resnet18", "min_size": 48, "max_size": 48, "fpn_channels": 16}
+    result = bench_pseudolabel(
+        tmp_path, rn50_images=2, demo_images=2, repeats=1, sizes={"rn50": toy, "demo": toy}
+    )
+    for size in ("rn50", "demo"):
+        for precision in ("fp32", "bf16"):
+            tag = f"{size}_{precision}"
+            assert result[f"{tag}_stage_images_per_s"] > 0 and result[f"{tag}_floor_images_per_s"] > 0
+            assert len(result[f"{tag}_runs"]["stage_s"]) == 1
+    assert result["pseudolabel_floor_ratio"] == result["rn50_fp32_floor_ratio"]
+    assert result["rn50_pseudolabel_bf16_speedup"] == pytest.approx(
+        result["rn50_bf16_stage_images_per_s"] / result["rn50_fp32_stage_images_per_s"], rel=0.01
+    )
+    assert set(BENCHMARKS["pseudolabel"].figures) - set(result) == {
+        "pseudolabel_peak_rss_gib"
+    }  # the runner adds it

@@ -66,6 +66,16 @@ def test_plan_of_one_seed_of_several(tmp_path: Path, tiny_demo_stages):
     assert _value(stages["eval_teacher"].argv, "eval.model.pretrained") is None  # the teacher, by default
     assert _value(stages["transfer_regionclip"].argv, "transfer.init.pretrained") == student_final
     assert _value(stages["transfer_clip"].argv, "transfer.tag") == "clip"
+    # the control: the student's recipe (its pretrain.* overrides too) with the image–text loss alone
+    # on the images the student's pseudo-labels come from
+    control = stages["control"].argv
+    assert _value(control, "pretrain.max_steps") == "7"
+    assert _value(control, "pretrain.mode") == "image_text"
+    assert _value(control, "pretrain.shards") == plan.cfg.pseudolabel.input_shards
+    assert stages["control"].outputs == [str(tmp_path / "seed1" / "control")]
+    control_final = str(tmp_path / "seed1" / "control" / "final")
+    assert _value(stages["eval_control"].argv, "eval.model.pretrained") == control_final
+    assert _value(stages["transfer_control"].argv, "transfer.init.pretrained") == control_final
     other = stages["pseudolabel_caption"].argv
     assert _value(other, "pseudolabel.mode") == "caption"
     assert _value(other, "pseudolabel.input_shards") == str(
@@ -199,11 +209,20 @@ def test_results_from_stage_outputs(tmp_path: Path, monkeypatch):
         "concept_names": str(tmp_path / "names.txt"),
         "concepts_summary": write(tmp_path / "concepts.json", {"category_recall": {"recall": 0.75}}),
         "eval_teacher": write(tmp_path / "teacher.json", acc(0.5, 0.75, 0.0)),
-        "eval_student": write(tmp_path / "student.json", acc(1.0, 1.0, 1.0)),
+        "eval_control": write(
+            tmp_path / "control.json",
+            {**acc(0.25, 0.5, 0.0), "zero_shot_detection": {"AP50": {"all": 0.1, "base": 0.2, "novel": 0.0}}},
+        ),
+        "eval_student": write(
+            tmp_path / "student.json",
+            {**acc(1.0, 1.0, 1.0), "zero_shot_detection": {"AP50": {"all": 0.4, "base": 0.2, "novel": 0.5}}},
+        ),
         "transfer_clip": str(tmp_path / "clip"),
+        "transfer_control": str(tmp_path / "control"),
         "transfer_regionclip": str(tmp_path / "rc"),
     }
     write(tmp_path / "clip" / "metrics.json", {"AP50_all": 0.25, "AP50_base": 0.5, "AP50_novel": 0.0})
+    write(tmp_path / "control" / "metrics.json", {"AP50_all": 0.125, "AP50_base": 0.25, "AP50_novel": 0.0})
     write(tmp_path / "rc" / "metrics.json", {"AP50_all": 0.5, "AP50_base": 0.5, "AP50_novel": None})
     measured = {
         ("pl0.tar", "pl1.tar"): (0.6, 200, 10),
@@ -224,6 +243,14 @@ def test_results_from_stage_outputs(tmp_path: Path, monkeypatch):
     assert r["region_acc"]["student_minus_teacher"] == {"all": 0.5, "base": 0.25, "novel": 1.0}
     assert r["ovd_ap50"]["regionclip_init"] == {"all": 0.5, "base": 0.5, "novel": None}
     assert r["ovd_ap50"]["regionclip_minus_clip"] == {"all": 0.25, "base": 0.0, "novel": None}
+    assert r["region_acc"]["student_minus_control"] == {"all": 0.75, "base": 0.5, "novel": 1.0}
+    assert r["ovd_ap50"]["regionclip_minus_control"] == {"all": 0.375, "base": 0.25, "novel": None}
+    # the teacher's eval ran without eval.rpn: no zero-shot detection, no difference to it
+    assert r["zero_shot_ap50"]["teacher"] == {"all": None, "base": None, "novel": None}
+    assert r["zero_shot_ap50"]["student_minus_control"] == pytest.approx(
+        {"all": 0.3, "base": 0.0, "novel": 0.5}
+    )
+    assert r["zero_shot_ap50"]["student_minus_teacher"] == {"all": None, "base": None, "novel": None}
     assert r["pseudolabel"]["precision"] == {"pool": 0.6, "caption": 0.9}
     assert r["pseudolabel"]["precision_first_shard"] == {"pool": 0.5, "caption": 0.9}
     assert r["pseudolabel"]["regions_kept"] == {"pool": 200, "caption": 50}

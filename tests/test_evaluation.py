@@ -13,8 +13,9 @@ from PIL import Image, ImageDraw
 
 from pipelines import eval as eval_pipeline
 from regionclip.config import ClipModelConfig
-from regionclip.data.coco import category_splits, read_coco
+from regionclip.data.coco import CocoImage, category_splits, read_coco
 from regionclip.evaluation.coco_ap import COCO_STAT_NAMES, coco_ap_by_split
+from regionclip.evaluation.thresholds import best_f1_threshold
 from regionclip.evaluation.zero_shot import (
     DetectionParams,
     detections_from_regions,
@@ -332,3 +333,37 @@ def test_eval_pipeline_skips_a_finished_run_of_the_same_config(tmp_path: Path, t
     json_path.write_text(json.dumps(data))  # same path, other boxes: evaluated again
     assert eval_pipeline.main([*argv, "eval.temperature=0.02"]) == 0
     assert json.loads(report.read_text())["region_accuracy"]["all"]["n"] == 2
+
+
+def _gt_image(image_id, boxes, cats):
+    return CocoImage(
+        image_id, f"{image_id}.png", Path(f"{image_id}.png"), torch.tensor(boxes, dtype=torch.float32), cats,
+        torch.zeros(len(cats), dtype=torch.int64),
+    )  # fmt: skip
+
+
+def test_f1_threshold_by_hand() -> None:
+    """Image 1: a dog at (0,0,10,10), a cat at (20,20,30,30); image 2: a dog at (0,0,10,10).
+    In score order: 0.9 dog hit, 0.8 cat on the dog box (wrong class: miss), 0.7 second dog on
+    the matched dog box (duplicate: miss), 0.6 image-2 dog hit, 0.2 cat hit.
+    F1 = 2PR/(P+R) after each: 2(1)(1/3)/(4/3) = 0.5, 2(1/2)(1/3)/(5/6) = 0.4, 1/3,
+    2(2/4)(2/3)/(7/6) = 4/7, 2(3/5)(1)/(8/5) = 0.75 -> threshold 0.2."""
+    images = [_gt_image(1, [[0, 0, 10, 10], [20, 20, 30, 30]], [1, 2]), _gt_image(2, [[0, 0, 10, 10]], [1])]
+
+    def det(image_id, cat, box, score):
+        return {"image_id": image_id, "category_id": cat, "bbox": box, "score": score}
+
+    dets = [
+        det(1, 1, [0, 0, 10, 10], 0.9),
+        det(1, 2, [0, 0, 10, 10], 0.8),
+        det(1, 1, [1, 1, 10, 10], 0.7),
+        det(2, 1, [0, 0, 10, 10], 0.6),
+        det(1, 2, [20, 20, 10, 10], 0.2),
+    ]
+    point = best_f1_threshold(images, dets)
+    assert point.threshold == 0.2 and point.detections == 5 and point.ground_truth == 3
+    assert point.precision == pytest.approx(0.6) and point.recall == 1.0 and point.f1 == pytest.approx(0.75)
+    # without the late cat the best point is after the image-2 dog
+    point = best_f1_threshold(images, dets[:4])
+    assert point.threshold == 0.6 and point.f1 == pytest.approx(4 / 7)
+    assert best_f1_threshold(images, []).threshold == 1.0

@@ -61,7 +61,7 @@ def test_every_stage_writes_well_formed_outputs(tiny_run):
     for name in ("det_train.json", "val.json", "categories.json", "preview.png"):
         assert (world / name).stat().st_size > 0
 
-    for run, mode in (("teacher", "image_text"), ("student", "regions")):
+    for run, mode in (("teacher", "image_text"), ("student", "regions"), ("control", "image_text")):
         summary = json.loads((out / run / "summary.json").read_text())
         assert summary["mode"] == mode and summary["steps"] == 3
         assert (out / run / "final" / "open_clip_model.safetensors").is_file()
@@ -87,10 +87,10 @@ def test_every_stage_writes_well_formed_outputs(tiny_run):
     caption = sorted((out / "pseudolabels-caption-first-shard").glob("*.manifest.json"))
     assert [json.loads(m.read_text())["mode"] for m in caption] == ["caption"]  # the first shard only
 
-    for tag in ("teacher", "student"):
+    for tag in ("teacher", "control", "student"):
         report = json.loads((out / "eval" / f"{tag}.json").read_text())
         assert report["region_accuracy"]["all"]["n"] > 0
-    for tag in ("clip", "regionclip"):
+    for tag in ("clip", "control", "regionclip"):
         metrics = json.loads((out / "transfer" / tag / "metrics.json").read_text())
         assert metrics["finished"] and metrics["tag"] == tag
     regionclip_init = json.loads((out / "transfer" / "regionclip" / "metrics.json").read_text())["init"]
@@ -116,8 +116,19 @@ def test_results_have_every_figure(tiny_run, tiny_demo_stages):
     results = json.loads((out / "results.json").read_text())
     flat = flatten(results)
     fractions = [
-        *(f"region_acc.{m}.{s}" for m in ("teacher", "student") for s in ("all", "base", "novel")),
-        *(f"ovd_ap50.{m}.{s}" for m in ("clip_init", "regionclip_init") for s in ("all", "base", "novel")),
+        *(f"region_acc.{m}.{s}" for m in ("teacher", "control", "student") for s in ("all", "base", "novel")),
+        *(
+            f"zero_shot_ap50.{m}.{s}"
+            for m in ("teacher", "control", "student")
+            for s in ("all", "base", "novel")
+        ),
+        *(
+            f"ovd_ap50.{m}.{s}"
+            for m in ("clip_init", "control_init", "regionclip_init")
+            for s in ("all", "base", "novel")
+        ),
+        "detections_picture.score_threshold",
+        "detections_picture.f1",
         "pseudolabel.precision.pool",
         "pseudolabel.precision.caption",
         "concepts.category_recall",
@@ -127,6 +138,8 @@ def test_results_have_every_figure(tiny_run, tiny_demo_stages):
     for s in ("all", "base", "novel"):
         d = flat[f"region_acc.student_minus_teacher.{s}"]
         assert d == pytest.approx(flat[f"region_acc.student.{s}"] - flat[f"region_acc.teacher.{s}"])
+        d = flat[f"zero_shot_ap50.student_minus_control.{s}"]
+        assert d == pytest.approx(flat[f"zero_shot_ap50.student.{s}"] - flat[f"zero_shot_ap50.control.{s}"])
     seconds = results["seconds_per_stage"]
     assert set(seconds) == {*tiny_demo_stages, "total"}
     assert all(math.isfinite(v) and v >= 0 for v in seconds.values())
@@ -154,4 +167,4 @@ def test_rerun_skips_every_stage(tiny_run, tiny_demo_stages, capsys):
     after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name not in REPORT_FILES}
     assert after == stage_files
     assert json.loads((out / "results.json").read_text())["skipped_stages"] == tiny_demo_stages
-    assert "11 stages (0 run, 11 up to date)" in capsys.readouterr().out
+    assert "14 stages (0 run, 14 up to date)" in capsys.readouterr().out

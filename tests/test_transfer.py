@@ -232,6 +232,23 @@ def test_trainable_rpn_head_trains_and_evaluates(world: dict):
     assert {"loss_objectness", "loss_rpn_box_reg", "loss_cls"} <= set(metrics["train"]["final_losses"])
 
 
+def test_ground_truth_boxes_as_proposals_diagnose_recognition(world: dict):
+    argv = [*world["argv"], "transfer.tag=diagnosed", "transfer.diagnose_gt_boxes=true", "transfer.steps=1"]
+    assert transfer_pipeline.main(argv) == 0
+    metrics = _metrics(world["root"] / "transfer" / "diagnosed")
+    gt = metrics["gt_boxes"]
+    assert all(0.0 <= gt[f"AP50_{s}"] <= 1.0 for s in ("all", "base", "novel"))
+    assert set(gt["AP50_per_class"]) == set(metrics["AP50_per_class"])
+    trainable = [
+        *argv,
+        "transfer.proposals=trainable",
+        "transfer.rpn_anchor_sizes=[16,32]",
+        "transfer.tag=d2",
+    ]
+    assert transfer_pipeline.main(trainable) == 0
+    assert "gt_boxes" not in _metrics(world["root"] / "transfer" / "d2")  # its RPN makes its own proposals
+
+
 def test_missing_val_image_is_named(world: dict, tmp_path: Path, capsys):
     val = json.loads((world["root"] / "emojiworld" / "val.json").read_text())
     val["images"][3]["file_name"] = "val/not-there.jpg"

@@ -182,4 +182,6 @@ def render_markdown(data: dict[str, Any], source: str) -> str:
                 f"| {fig['description']} (`{key}`) | {value} | {fig['unit']} | `{entry['command']}` |"
             )
         lines.append("")
+        for title, table in entry.get("details", {}).get("tables", {}).items():
+            lines += [f"{title}:", "", *table, ""]
     return "\n".join(lines)

@@ -27,11 +27,14 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from regionclip.benchmarks import REPO, run_in_subprocess
@@ -45,6 +48,7 @@ from regionclip.labeling.labeler import OnlineLabels, build_labeler
 from regionclip.models.loading import get_model_config
 from regionclip.models.rpn import build_proposal_network, save_rpn
 from regionclip.models.student import build_student, compute_losses
+from regionclip.precision import autocast
 from regionclip.stages.pretrain import build_loss, build_optimizer
 from regionclip.stages.pseudolabel import plan_outputs, prepare_run, run_shards
 from regionclip.text import load_embeddings, save_embeddings
@@ -123,9 +127,51 @@ def prepare(job: dict[str, Any], image_wh: tuple[int, int], n_concepts: int) -> 
     return {"images": n_images, "regions_per_image": regions}
 
 
-def measure_mode(job: dict[str, Any], mode: str, warmup: int, repeats: int, threads: int) -> dict[str, Any]:
+RUNS = (("offline", "fp32"), ("offline", "bf16"), ("online", "fp32"))
+
+
+def gemm_rates(threads: int, n: int = 2048, repeats: int = 10) -> dict[str, float]:
+    """GFLOP/s of an ``n``³ matrix product in fp32 and bf16 (median of ``repeats``, after warm-up)."""
+    torch.set_num_threads(threads)
+    rates = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+        rates[name] = round(2 * n**3 / statistics.median(times) / 1e9, 1)
+    return rates
+
+
+def top_operators(prof: Any, n: int) -> list[str]:
+    """A Markdown table of the ``n`` operators with the most self CPU time in ``prof``."""
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:n]
+    total = sum(e.self_cpu_time_total for e in prof.key_averages()) or 1
+    lines = ["| operator | self CPU s | share | calls |", "|---|---:|---:|---:|"]
+    for e in events:
+        lines.append(
+            f"| `{e.key}` | {e.self_cpu_time_total / 1e6:.2f} | {100 * e.self_cpu_time_total / total:.0f} % | {e.count} |"
+        )
+    return lines
+
+
+def measure_mode(
+    job: dict[str, Any],
+    mode: str,
+    precision: str,
+    warmup: int,
+    repeats: int,
+    threads: int,
+    count: bool = False,
+) -> dict[str, Any]:
     """Run and time ``warmup + repeats`` identical training steps of ``mode`` (offline | online) in
-    this process; returns per-step seconds (and, online, the labelling part of each step)."""
+    ``precision`` (fp32 | bf16) in this process; returns per-step seconds (and, online, the
+    labelling part of each step). With ``count``, one more step counts the FLOPs
+    (``torch.utils.flop_counter``) and one more is profiled (the top operators by self time)."""
     from accelerate import Accelerator
 
     torch.set_num_threads(threads)
@@ -133,7 +179,7 @@ def measure_mode(job: dict[str, Any], mode: str, warmup: int, repeats: int, thre
     p = cfg.pretrain
     device = resolve_device(cfg.device)
     cuda = device.type == "cuda"
-    acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+    acc = Accelerator(cpu=not cuda)
     if mode == "offline":
         samples = list(iter_pseudo_labels(str(plan_outputs(cfg.pseudolabel)[0][1])))
         online = None
@@ -142,8 +188,9 @@ def measure_mode(job: dict[str, Any], mode: str, warmup: int, repeats: int, thre
         samples = list(iter_image_text(cfg.pseudolabel.input_shards, errors))
         if errors.counts:
             raise RuntimeError(f"{cfg.pseudolabel.input_shards}: {errors.summary()}")
+        pl = replace(cfg.pseudolabel, precision=precision)
         online = OnlineLabels(
-            build_labeler(cfg.pseudolabel, cfg.teacher, cfg.rpn.out_dir, cfg.rpn.precomputed, acc.device)[0]
+            build_labeler(pl, cfg.teacher, cfg.rpn.out_dir, cfg.rpn.precomputed, acc.device)[0]
         )
     concept_emb = load_embeddings(p.concepts)[0].float().to(acc.device)
     torch.manual_seed(p.seed)  # the same random student as train() builds, in both modes
@@ -158,8 +205,7 @@ def measure_mode(job: dict[str, Any], mode: str, warmup: int, repeats: int, thre
         if cuda:
             torch.cuda.synchronize(device)
 
-    steps, label_s, losses, regions = [], [], [], 0
-    for i in tqdm(range(warmup + repeats), desc=f"pretrain step ({mode})", unit="step"):
+    def one_step() -> tuple[float, float, int]:
         gen = torch.Generator().manual_seed(p.seed)  # same flips and captions every step, both modes
         sync()
         t0 = time.perf_counter()
@@ -167,13 +213,28 @@ def measure_mode(job: dict[str, Any], mode: str, warmup: int, repeats: int, thre
         sync()
         t_label = time.perf_counter() - t0
         batch = collate_pretrain(pseudo, preprocess, student.tokenizer, gen).to(acc.device)
-        out = compute_step(acc, model, optimizer, params, batch, loss_fn, concept_emb, p.grad_clip)
+        with autocast(precision, acc.device):
+            loss = compute_step(acc, model, optimizer, params, batch, loss_fn, concept_emb, p.grad_clip)
         sync()
+        return loss, t_label, batch.num_regions
+
+    steps, label_s, losses, regions = [], [], [], 0
+    for i in tqdm(range(warmup + repeats), desc=f"pretrain step ({mode}, {precision})", unit="step"):
+        t0 = time.perf_counter()
+        loss, t_label, regions = one_step()
         if i >= warmup:
             steps.append(time.perf_counter() - t0)
             label_s.append(t_label)
-        losses.append(out)
-        regions = batch.num_regions
+        losses.append(loss)
+    extra: dict[str, Any] = {}
+    if count:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            one_step()
+        extra["gflop"] = counter.get_total_flops() / 1e9
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            one_step()
+        extra["profile"] = top_operators(prof, 12)
     result: dict[str, Any] = {
         "step_s": steps,
         "images": len(samples),
@@ -181,6 +242,7 @@ def measure_mode(job: dict[str, Any], mode: str, warmup: int, repeats: int, thre
         "losses": losses,
         "threads": torch.get_num_threads(),
         "device": str(acc.device),
+        **extra,
     }
     if online is not None:
         result["label_s"] = label_s
@@ -215,49 +277,61 @@ def _size(
     sdir = workdir / name
     job = {"config": spec["config"], "overrides": spec["overrides"]}
     setup = prepare(job, tuple(spec["image_wh"]), int(spec["concepts"]))
-    modes, loads = {}, {}
-    for mode in ("offline", "online"):
-        loads[mode] = round(os.getloadavg()[0], 2)
-        kwargs = {"job": job, "mode": mode, "warmup": warmup, "repeats": repeats, "threads": threads}
-        modes[mode] = run_in_subprocess("regionclip.benchmarks.pretrain:measure_mode", kwargs, sdir, mode)
-    off, on = (statistics.median(modes[m]["step_s"]) for m in ("offline", "online"))
+    gemm = gemm_rates(threads)  # in this run, beside the steps they are the floor of
+    runs, loads = {}, {}
+    for mode, precision in RUNS:
+        tag = f"{mode}_{precision}"
+        loads[tag] = round(os.getloadavg()[0], 2)
+        kwargs = {"job": job, "mode": mode, "precision": precision, "warmup": warmup, "repeats": repeats,
+                  "threads": threads, "count": tag == "offline_fp32"}  # fmt: skip
+        runs[tag] = run_in_subprocess("regionclip.benchmarks.pretrain:measure_mode", kwargs, sdir, tag)
+    step = {tag: statistics.median(r["step_s"]) for tag, r in runs.items()}
+    gflop = runs["offline_fp32"]["gflop"]
+    floor = {prec: gflop / gemm[prec] for prec in ("fp32", "bf16")}
     n = setup["images"]
     result: dict[str, Any] = {
-        f"{name}_offline_step_s": round(off, 3),
-        f"{name}_online_step_s": round(on, 3),
-        f"{name}_offline_images_per_s": round(n / off, 3),
-        f"{name}_online_images_per_s": round(n / on, 3),
-        f"{name}_offline_vs_online": round(on / off, 3),
-        f"{name}_online_label_s": round(statistics.median(modes["online"]["label_s"]), 3),
-        f"{name}_offline_peak_rss_gib": modes["offline"]["peak_rss_gib"],
-        f"{name}_online_peak_rss_gib": modes["online"]["peak_rss_gib"],
+        f"{name}_step_gflop": float(f"{gflop:.4g}"),  # significant digits: toy sizes are < 0.1
+        f"{name}_offline_step_s_fp32": round(step["offline_fp32"], 3),
+        f"{name}_offline_step_s_bf16": round(step["offline_bf16"], 3),
+        f"{name}_online_step_s_fp32": round(step["online_fp32"], 3),
+        f"{name}_step_over_floor_fp32": round(step["offline_fp32"] / floor["fp32"], 3),
+        f"{name}_step_over_floor_bf16": round(step["offline_bf16"] / floor["bf16"], 3),
+        f"{name}_online_fp32_over_offline_bf16": round(step["online_fp32"] / step["offline_bf16"], 3),
+        f"{name}_offline_images_per_s_bf16": round(n / step["offline_bf16"], 3),
+        **{f"{name}_gemm_gflop_per_s_{prec}": gemm[prec] for prec in ("fp32", "bf16")},
+        f"{name}_online_label_s_fp32": round(statistics.median(runs["online_fp32"]["label_s"]), 3),
+        **{f"{name}_{tag}_peak_rss_gib": r["peak_rss_gib"] for tag, r in runs.items()},
         f"{name}_setup": {
             **spec,
             "batch_images": n,
             "regions_per_image": setup["regions_per_image"],
-            "regions_per_step": modes["offline"]["regions"],
-            "device": modes["offline"]["device"],
-            "threads": modes["offline"]["threads"],
+            "regions_per_step": runs["offline_fp32"]["regions"],
+            "device": runs["offline_fp32"]["device"],
+            "threads": runs["offline_fp32"]["threads"],
+            "gemm_gflop_per_s": gemm,
+            "floor_s": {k: float(f"{v:.4g}") for k, v in floor.items()},
         },
         f"{name}_runs": {
-            m: {
+            tag: {
                 "step_s": [round(t, 3) for t in r["step_s"]],
                 **({"label_s": [round(t, 3) for t in r["label_s"]]} if "label_s" in r else {}),
                 "losses": [round(v, 5) for v in r["losses"]],
-                "load_before": loads[m],
+                "load_before": loads[tag],
                 **({"peak_gpu_gib": r["peak_gpu_gib"]} if "peak_gpu_gib" in r else {}),
             }
-            for m, r in modes.items()
+            for tag, r in runs.items()
         },
-    }
+        "tables": {f"{name}: top operators of one offline fp32 step (torch.profiler, self CPU time)":
+                   runs["offline_fp32"]["profile"]},
+    }  # fmt: skip
     # same batch, same model: the first steps' losses agree (up to the online labels' float noise)
     result[f"{name}_runs"]["first_loss_abs_diff"] = abs(
-        modes["offline"]["losses"][0] - modes["online"]["losses"][0]
+        runs["offline_fp32"]["losses"][0] - runs["online_fp32"]["losses"][0]
     )
-    if modes["offline"]["regions"] != modes["online"]["regions"]:
+    if runs["offline_fp32"]["regions"] != runs["online_fp32"]["regions"]:
         raise RuntimeError(
-            f"{name}: offline and online batches differ ({modes['offline']['regions']} vs "
-            f"{modes['online']['regions']} regions); the comparison would not be on the same batch"
+            f"{name}: offline and online batches differ ({runs['offline_fp32']['regions']} vs "
+            f"{runs['online_fp32']['regions']} regions); the comparison would not be on the same batch"
         )
     return result
 
@@ -288,15 +362,15 @@ def bench_pretrain(
         "params": {"repeats": repeats, "warmup": warmup, "threads": threads, "device": device, "seed": seed},
         "regionclip_reference": {"step_s": REGIONCLIP_STEP_S, "peak_rss_gib": REGIONCLIP_PEAK_RSS_GIB},
     }
+    tables: dict[str, list[str]] = {}
     for name in names:
         user = (sizes or {}).get(name, {})
         spec = {**SIZES[name], **user}
         spec["overrides"] = size_overrides(
             SIZES[name]["overrides"], workdir / name, device, seed, list(user.get("overrides", []))
         )
-        result.update(_size(workdir, name, spec, warmup, repeats, threads, device, seed))
-    if "rn50" in names:
-        result["pretrain_offline_vs_online"] = result["rn50_offline_vs_online"]
-    if "demo" in names:
-        result["pretrain_demo_offline_vs_online"] = result["demo_offline_vs_online"]
+        part = _size(workdir, name, spec, warmup, repeats, threads, device, seed)
+        tables.update(part.pop("tables"))
+        result.update(part)
+    result["tables"] = tables
     return result

@@ -5,7 +5,8 @@ sampling, resize, teacher, assignment, .npy encoding, atomic shard + manifest) i
 the floor: the RPN and teacher forwards alone on the same images, pre-decoded and pre-resized in
 memory, with the same batches and boxes. ``floor_ratio = stage images/s / floor images/s``
 (1.0 = the stage adds nothing to the forwards). Both are measured alternately in each repeat,
-side by side, and reported as medians.
+side by side, and reported as medians, once in fp32 and once under bf16 autocast (the teacher's
+``pseudolabel.precision``; proposals stay fp32 in both).
 
 Two sizes, random weights (no downloads): RegionCLIP's (RN50 teacher, ResNet-50-FPN RPN, 640x480
 images at short side 800, 300 → 100 regions, 4,764 concepts) and the CPU demo's (RN-emoji teacher,
@@ -36,6 +37,7 @@ from regionclip.models.loading import register_model_config
 from regionclip.models.preprocess import batch_images, pil_to_tensor, resize_for_detection, scale_boxes
 from regionclip.models.region import CLIP_MEAN, CLIP_STD, RegionEncoder
 from regionclip.models.rpn import build_proposal_network
+from regionclip.precision import autocast
 from regionclip.stages.pseudolabel import RunIdentity, label_shard
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,7 +72,9 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-def _setup(workdir: Path, spec: dict[str, Any], n_images: int, seed: int) -> tuple[PseudoLabeler, str, list]:
+def _setup(
+    workdir: Path, spec: dict[str, Any], n_images: int, seed: int, precision: str
+) -> tuple[PseudoLabeler, str, list]:
     overrides = [f"rpn.{k}={v}".replace(" ", "") for k, v in spec["rpn"].items()]
     overrides += [
         f"teacher.model={spec['teacher']}",
@@ -87,7 +91,7 @@ def _setup(workdir: Path, spec: dict[str, Any], n_images: int, seed: int) -> tup
     encoder = RegionEncoder(teacher.visual)
     rpn = NetworkProposals(build_proposal_network(cfg.rpn).eval())
     concepts = torch.randn(spec["concepts"], encoder.output_dim)
-    labeler = PseudoLabeler(encoder, rpn, concepts, cfg.pseudolabel, PoolMode())
+    labeler = PseudoLabeler(encoder, rpn, concepts, cfg.pseudolabel, PoolMode(), precision=precision)
 
     rng = np.random.default_rng(seed)
     w, h = spec["image_wh"]
@@ -113,7 +117,8 @@ def floor_pass(labeler: PseudoLabeler, batches: list[dict[str, Any]]) -> None:
                 bx, sc, cfg.num_regions, sample_generator(cfg.seed, key), cfg.proposal_pool
             )
             scaled.append(scale_boxes(bx[idx], s))
-        labeler.encoder(b["batch"], scaled, b["sizes"])
+        with autocast(labeler.precision, labeler.device):
+            labeler.encoder(b["batch"], scaled, b["sizes"])
 
 
 def _prepare(labeler: PseudoLabeler, images: list) -> list[dict[str, Any]]:
@@ -138,27 +143,30 @@ def _prepare(labeler: PseudoLabeler, images: list) -> list[dict[str, Any]]:
     return batches
 
 
-def _measure(workdir: Path, name: str, n_images: int, repeats: int, seed: int) -> dict[str, Any]:
-    spec = SIZES[name]
-    labeler, url, images = _setup(workdir / name, spec, n_images, seed)
+def _measure(
+    workdir: Path, name: str, spec: dict[str, Any], n_images: int, repeats: int, seed: int, precision: str
+) -> dict[str, Any]:
+    workdir = workdir / f"{name}-{precision}"
+    labeler, url, images = _setup(workdir, spec, n_images, seed, precision)
     identity = RunIdentity({}, "bench", {"sha256": "bench"}, {}, {})
     batches = _prepare(labeler, images)
     floor_pass(labeler, batches[:1])  # warm-up (allocator, oneDNN kernels)
     stage_s, floor_s = [], []
     for r in range(repeats):
         t0 = time.perf_counter()
-        manifest, _ = label_shard(labeler, url, workdir / name / f"out-{r}.tar", identity)
+        manifest, _ = label_shard(labeler, url, workdir / f"out-{r}.tar", identity)
         stage_s.append(time.perf_counter() - t0)
         assert manifest is not None and manifest["counts"]["images"] == n_images
         t0 = time.perf_counter()
         floor_pass(labeler, batches)
         floor_s.append(time.perf_counter() - t0)
     stage, floor = statistics.median(stage_s), statistics.median(floor_s)
+    tag = f"{name}_{precision}"
     return {
-        f"{name}_floor_ratio": round(floor / stage, 3),
-        f"{name}_stage_images_per_s": round(n_images / stage, 3),
-        f"{name}_floor_images_per_s": round(n_images / floor, 3),
-        f"{name}_runs": {
+        f"{tag}_floor_ratio": round(floor / stage, 3),
+        f"{tag}_stage_images_per_s": round(n_images / stage, 3),
+        f"{tag}_floor_images_per_s": round(n_images / floor, 3),
+        f"{tag}_runs": {
             "stage_s": [round(t, 3) for t in stage_s],
             "floor_s": [round(t, 3) for t in floor_s],
         },
@@ -167,13 +175,29 @@ def _measure(workdir: Path, name: str, n_images: int, repeats: int, seed: int) -
 
 
 def bench_pseudolabel(
-    workdir: str | Path, rn50_images: int = 2, demo_images: int = 32, repeats: int = 2, seed: int = 0
+    workdir: str | Path,
+    rn50_images: int = 2,
+    demo_images: int = 32,
+    repeats: int = 2,
+    seed: int = 0,
+    precisions: str = "fp32,bf16",
+    sizes: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Stage vs forward-only floor at RN50 size and at demo size (CPU threads as the process has)."""
+    """Stage vs forward-only floor at RN50 size and at demo size, per precision (CPU threads as the
+    process has). The headline figures are fp32's floor ratios and each precision's RN50 images/s.
+    ``sizes`` replaces :data:`SIZES` (tests run both names at toy size)."""
     workdir = Path(workdir)
-    result: dict[str, Any] = {"threads": torch.get_num_threads(), "repeats": repeats}
-    result.update(_measure(workdir, "demo", demo_images, repeats, seed))
-    result.update(_measure(workdir, "rn50", rn50_images, repeats, seed))
-    result["pseudolabel_floor_ratio"] = result["rn50_floor_ratio"]
-    result["pseudolabel_demo_floor_ratio"] = result["demo_floor_ratio"]
+    sizes = SIZES if sizes is None else sizes
+    names = [p.strip() for p in precisions.split(",") if p.strip()]
+    result: dict[str, Any] = {"threads": torch.get_num_threads(), "repeats": repeats, "precisions": names}
+    for precision in names:
+        result.update(_measure(workdir, "demo", sizes["demo"], demo_images, repeats, seed, precision))
+        result.update(_measure(workdir, "rn50", sizes["rn50"], rn50_images, repeats, seed, precision))
+    first = names[0]
+    result["pseudolabel_floor_ratio"] = result[f"rn50_{first}_floor_ratio"]
+    result["pseudolabel_demo_floor_ratio"] = result[f"demo_{first}_floor_ratio"]
+    if {"fp32", "bf16"} <= set(names):
+        result["rn50_pseudolabel_bf16_speedup"] = round(
+            result["rn50_bf16_stage_images_per_s"] / result["rn50_fp32_stage_images_per_s"], 3
+        )
     return result

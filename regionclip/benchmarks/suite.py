@@ -54,11 +54,17 @@ BENCHMARKS: dict[str, Benchmark] = {
         {
             "pseudolabel_floor_ratio": (
                 "x",
-                "RN50 size: stage images/s / forward-only floor (RN50 teacher + R50-FPN RPN, 800 px)",
+                "RN50 size, fp32: stage images/s / forward-only floor (RN50 teacher + R50-FPN RPN, 800 px)",
             ),
-            "rn50_stage_images_per_s": ("images/s", "RN50 size: `label_shard` end to end"),
-            "pseudolabel_demo_floor_ratio": ("x", "demo size: stage / floor (RN-emoji + R18-FPN, 128 px)"),
-            "demo_stage_images_per_s": ("images/s", "demo size: `label_shard` end to end"),
+            "rn50_fp32_stage_images_per_s": ("images/s", "RN50 size: `label_shard` end to end, fp32"),
+            "rn50_bf16_stage_images_per_s": ("images/s", "RN50 size: `label_shard` end to end, bf16 teacher"),
+            "rn50_pseudolabel_bf16_speedup": ("x", "RN50 size: bf16 stage images/s / fp32 stage images/s"),
+            "pseudolabel_demo_floor_ratio": (
+                "x",
+                "demo size, fp32: stage / floor (RN-emoji + R18-FPN, 128 px)",
+            ),
+            "demo_fp32_stage_images_per_s": ("images/s", "demo size: `label_shard` end to end, fp32"),
+            "demo_bf16_stage_images_per_s": ("images/s", "demo size: `label_shard` end to end, bf16 teacher"),
             "pseudolabel_peak_rss_gib": (
                 "GiB",
                 "peak RSS of the benchmark process (RN50 size dominates: RN50 teacher + R50-FPN RPN at 800 px)",
@@ -71,40 +77,90 @@ BENCHMARKS: dict[str, Benchmark] = {
     "pretrain": Benchmark(
         "regionclip.benchmarks.pretrain:bench_pretrain",
         {
-            "pretrain_offline_vs_online": (
+            "rn50_offline_step_s_fp32": ("s", "RN50 size: offline step (stored pseudo-labels), fp32"),
+            "rn50_offline_step_s_bf16": ("s", "RN50 size: offline step, bf16 autocast"),
+            "rn50_step_over_floor_fp32": (
                 "x",
-                "RN50 size: online step time / offline step time (offline speed-up; target >= 1.5, "
-                ">= 2 against RegionCLIP's 44.2 s step)",
+                "RN50 size: fp32 step / (its FLOPs / this run's fp32 GEMM rate)",
             ),
-            "rn50_offline_step_s": ("s", "RN50 size: full step with stored pseudo-labels"),
-            "rn50_online_step_s": (
+            "rn50_step_over_floor_bf16": (
+                "x",
+                "RN50 size: bf16 step / (its FLOPs / this run's bf16 GEMM rate)",
+            ),
+            "rn50_online_step_s_fp32": (
                 "s",
-                "RN50 size: full step with RPN + teacher inside (RegionCLIP's design)",
+                "RN50 size: online step (RPN + teacher inside, RegionCLIP's design), fp32",
             ),
-            "rn50_online_label_s": ("s", "RN50 size: the RPN + teacher + assignment part of the online step"),
-            "rn50_offline_images_per_s": ("images/s", "RN50 size: offline step throughput"),
-            "rn50_online_images_per_s": ("images/s", "RN50 size: online step throughput"),
-            "rn50_offline_peak_rss_gib": ("GiB", "RN50 size: peak RSS of the offline process (student only)"),
-            "rn50_online_peak_rss_gib": (
+            "rn50_online_fp32_over_offline_bf16": (
+                "x",
+                "RN50 size: RegionCLIP's design in fp32 / our offline bf16 step, same batch",
+            ),
+            "rn50_step_gflop": (
+                "GFLOP",
+                "RN50 size: FLOPs of one offline step (forward + backward, FlopCounterMode)",
+            ),
+            "rn50_offline_images_per_s_bf16": ("images/s", "RN50 size: offline bf16 throughput"),
+            "rn50_gemm_gflop_per_s_fp32": (
+                "GFLOP/s",
+                "RN50 size: 2048^3 fp32 matrix product, measured beside its steps",
+            ),
+            "rn50_gemm_gflop_per_s_bf16": (
+                "GFLOP/s",
+                "RN50 size: 2048^3 bf16 matrix product, measured beside its steps",
+            ),
+            "rn50_offline_fp32_peak_rss_gib": ("GiB", "RN50 size: peak RSS, offline fp32 process"),
+            "rn50_offline_bf16_peak_rss_gib": ("GiB", "RN50 size: peak RSS, offline bf16 process"),
+            "rn50_online_fp32_peak_rss_gib": (
                 "GiB",
-                "RN50 size: peak RSS of the online process (student + teacher + RPN)",
+                "RN50 size: peak RSS, online fp32 process (+ teacher, RPN)",
             ),
-            "pretrain_demo_offline_vs_online": ("x", "demo size: online step time / offline step time"),
-            "demo_offline_step_s": ("s", "demo size: full step with stored pseudo-labels"),
-            "demo_online_step_s": ("s", "demo size: full step with RPN + teacher inside"),
-            "demo_offline_images_per_s": ("images/s", "demo size: offline step throughput"),
-            "demo_online_images_per_s": ("images/s", "demo size: online step throughput"),
-            "demo_offline_peak_rss_gib": ("GiB", "demo size: peak RSS of the offline process"),
-            "demo_online_peak_rss_gib": ("GiB", "demo size: peak RSS of the online process"),
+            "demo_offline_step_s_fp32": ("s", "demo size: offline step (stored pseudo-labels), fp32"),
+            "demo_offline_step_s_bf16": ("s", "demo size: offline step, bf16 autocast"),
+            "demo_step_over_floor_fp32": (
+                "x",
+                "demo size: fp32 step / (its FLOPs / this run's fp32 GEMM rate)",
+            ),
+            "demo_step_over_floor_bf16": (
+                "x",
+                "demo size: bf16 step / (its FLOPs / this run's bf16 GEMM rate)",
+            ),
+            "demo_online_step_s_fp32": (
+                "s",
+                "demo size: online step (RPN + teacher inside, RegionCLIP's design), fp32",
+            ),
+            "demo_online_fp32_over_offline_bf16": (
+                "x",
+                "demo size: RegionCLIP's design in fp32 / our offline bf16 step, same batch",
+            ),
+            "demo_step_gflop": (
+                "GFLOP",
+                "demo size: FLOPs of one offline step (forward + backward, FlopCounterMode)",
+            ),
+            "demo_offline_images_per_s_bf16": ("images/s", "demo size: offline bf16 throughput"),
+            "demo_gemm_gflop_per_s_fp32": (
+                "GFLOP/s",
+                "demo size: 2048^3 fp32 matrix product, measured beside its steps",
+            ),
+            "demo_gemm_gflop_per_s_bf16": (
+                "GFLOP/s",
+                "demo size: 2048^3 bf16 matrix product, measured beside its steps",
+            ),
+            "demo_offline_fp32_peak_rss_gib": ("GiB", "demo size: peak RSS, offline fp32 process"),
+            "demo_offline_bf16_peak_rss_gib": ("GiB", "demo size: peak RSS, offline bf16 process"),
+            "demo_online_fp32_peak_rss_gib": (
+                "GiB",
+                "demo size: peak RSS, online fp32 process (+ teacher, RPN)",
+            ),
         },
         "One full training step (collate, forward, RegionCLIP's three losses, backward, grad-norm clip, "
         "SGD step; Accelerate as in `pretrain.py`) on the same in-memory batch and the same random "
         "student: offline from stored pseudo-labels vs online (RPN, 100 of 300 proposals, teacher and "
         "assignment inside the step). RN50 size: RN50 student and teacher, R50-FPN RPN, batch 2 at "
-        "800x1066, 100 regions per image (keep threshold 0), 4,764 concepts, fp32, 2 threads; demo "
+        "800x1066, 100 regions per image (keep threshold 0), 4,764 concepts, 2 threads; demo "
         "size: `configs/demo.yaml` as it stands (model, RPN, image size, regions, batch, optimizer; pool "
-        "mode, 100 concepts). Each mode in its own process; medians of `repeats` timed steps after "
-        "`warmup` steps.",
+        "mode, 100 concepts). Offline in fp32 and under bf16 autocast, online in fp32; each in its own "
+        "process; medians of `repeats` timed steps after `warmup` steps. The floor is the step's FLOPs "
+        "over the GEMM rate measured in the same run.",
     ),
 }
 

@@ -32,6 +32,7 @@ from regionclip.models.loading import LoadedClip
 from regionclip.models.preprocess import pil_to_tensor
 from regionclip.models.region import encode_regions
 from regionclip.models.rpn import ProposalNetwork
+from regionclip.precision import autocast
 from regionclip.text import check_class_embeddings
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ def region_accuracy(
     max_side: int = 1333,
     batch_size: int = 8,
     errors: SampleErrors | None = None,
+    precision: str = "fp32",
 ) -> dict[str, dict[str, Any]]:
     """Zero-shot classification of the json's GT boxes by their region embeddings.
 
@@ -84,6 +86,7 @@ def region_accuracy(
         splits: split name -> category ids; None = the json's ``split`` fields (if any).
             ``"all"`` is always reported.
         errors: collects unreadable images (skipped with a warning).
+        precision: the region path's resolved compute precision (autocast); logits are fp32.
 
     Returns:
         ``{split: {"top1", "top5" (fractions; None without boxes), "n" (boxes)}}``.
@@ -94,7 +97,8 @@ def region_accuracy(
     )
     if splits is None:
         splits = category_splits(data.categories)
-    cls = F.normalize(class_embeddings.float(), dim=-1).to(next(model.model.parameters()).device)
+    device = next(model.model.parameters()).device
+    cls = F.normalize(class_embeddings.float(), dim=-1).to(device)
     images = [im for im in data.images if len(im.boxes)]
     labels, top1, top5 = [], [], []
     for start in tqdm(range(0, len(images), batch_size), desc="region accuracy", unit="batch"):
@@ -102,9 +106,10 @@ def region_accuracy(
         kept, pil = read_images([im.path for im in batch], errors, data.json_path)
         if not kept:
             continue
-        emb = encode_regions(
-            model.model, pil, [batch[i].boxes for i in kept], short_side, max_side, batch_size=len(pil)
-        )
+        with autocast(precision, device):
+            emb = encode_regions(
+                model.model, pil, [batch[i].boxes for i in kept], short_side, max_side, batch_size=len(pil)
+            )
         logits = F.normalize(torch.cat(emb).float(), dim=-1) @ cls.T
         y = torch.cat([batch[i].labels for i in kept]).to(logits.device)
         labels.append(y.cpu())
@@ -143,6 +148,7 @@ class DetectionParams:
     rpn_post_nms_top_n: int = 1000  # proposals per image; 0 = the RPN's own setting
     short_side: int = 800
     max_side: int = 1333
+    precision: str = "fp32"  # resolved compute precision of the RPN and the region path
 
 
 def detections_from_regions(
@@ -203,15 +209,14 @@ def detect(
     if not images:
         return []
     rpn_device = next(rpn.parameters()).device
-    proposals, objectness, _ = rpn([pil_to_tensor(im).to(rpn_device) for im in images])
-    emb = encode_regions(
-        model.model,
-        images,
-        [p.cpu() for p in proposals],
-        params.short_side,
-        params.max_side,
-        batch_size=len(images),
-    )
+    with autocast(params.precision, rpn_device):
+        proposals, objectness, _ = rpn([pil_to_tensor(im).to(rpn_device) for im in images])
+    proposals, objectness = [p.float() for p in proposals], [o.float() for o in objectness]
+    with autocast(params.precision, next(model.model.parameters()).device):
+        emb = encode_regions(
+            model.model, images, [p.cpu() for p in proposals], params.short_side, params.max_side,
+            batch_size=len(images),
+        )  # fmt: skip
     cls = class_embeddings.to(emb[0].device)
     out = []
     for boxes, obj, e in zip(proposals, objectness, emb, strict=True):

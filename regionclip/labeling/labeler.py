@@ -4,7 +4,7 @@
   with a generator seeded by ``(seed, sample key)``, so a sample's regions do not depend on
   batching, process count or resumption;
 - teacher: the whole image at detection size → RoIAlign on the dense features → region
-  embeddings (:class:`~regionclip.models.region.RegionEncoder`), frozen, bf16 autocast on GPU;
+  embeddings (:class:`~regionclip.models.region.RegionEncoder`), frozen, under ``pseudolabel.precision``;
 - assignment (:func:`~regionclip.labeling.assignment.assign_concepts`) over the candidates the
   mode gives (:mod:`regionclip.labeling.modes`).
 
@@ -15,7 +15,6 @@ The offline stage and the online training step (:class:`OnlineLabels`) both call
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from regionclip.labeling.proposals import ProposalSource, build_proposal_source,
 from regionclip.models.loading import LoadedClip, load_clip
 from regionclip.models.preprocess import pil_to_tensor
 from regionclip.models.region import RegionEncoder, encode_regions
+from regionclip.precision import autocast, resolve_precision
 from regionclip.text import load_embeddings
 from regionclip.utils import sha256_file
 
@@ -63,6 +63,8 @@ class PseudoLabeler:
         concept_emb: [K, D] concept embeddings (normalised here); ``pool_sha256`` identifies them.
         cfg: the ``pseudolabel`` config section.
         mode: the :class:`~regionclip.labeling.modes.LabelMode` of ``cfg.mode``.
+        precision: the teacher's compute precision (resolved: fp32, bf16 or fp16); embeddings and
+            the assignment are fp32.
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class PseudoLabeler:
         cfg: PseudoLabelConfig,
         mode: LabelMode,
         pool_sha256: str = "",
+        precision: str = "fp32",
     ):
         if mode.name != cfg.mode:
             raise ValueError(f"the {mode.name!r} mode object was given for pseudolabel.mode={cfg.mode!r}")
@@ -89,12 +92,7 @@ class PseudoLabeler:
         self.device = next(encoder.parameters()).device
         self.proposals = proposals
         self.concepts = F.normalize(concept_emb.float(), dim=-1).to(self.device)
-        self.cfg, self.mode, self.pool_sha256 = cfg, mode, pool_sha256
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        self.cfg, self.mode, self.pool_sha256, self.precision = cfg, mode, pool_sha256, precision
 
     def _proposals(self, keys: list[str], images: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         try:
@@ -132,7 +130,7 @@ class PseudoLabeler:
             teacher_boxes = [
                 b if c is not None and c.numel() else b[:0] for b, c in zip(boxes, cands, strict=True)
             ]
-        with self._autocast():
+        with autocast(self.precision, self.device):
             embs = encode_regions(
                 self.encoder, [s.image for s in samples], teacher_boxes, cfg.short_side, cfg.max_side,
                 batch_size=len(samples),
@@ -206,9 +204,10 @@ def build_labeler(
     if metadata.get("weights_id") and metadata["weights_id"] != loaded.weights_id:
         log.warning("concept embeddings %s were made with %s, the teacher is %s",
                     cfg.concepts, metadata["weights_id"], loaded.weights_id)  # fmt: skip
+    precision = resolve_precision(cfg.precision, torch.device(device), "pseudolabel.precision")
     proposals = build_proposal_source(rpn_dir, precomputed, device)
     mode = build_mode(names, cfg)
-    labeler = PseudoLabeler(encoder, proposals, concept_emb, cfg, mode, sha256_file(cfg.concepts))
+    labeler = PseudoLabeler(encoder, proposals, concept_emb, cfg, mode, sha256_file(cfg.concepts), precision)
     return labeler, loaded, names, metadata
 
 

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from regionclip.errors import ProposalError
 from regionclip.models.rpn import ProposalNetwork, load_rpn
+from regionclip.precision import full_precision
 
 
 def sample_proposals(
@@ -63,7 +64,9 @@ class ProposalSource(Protocol):
 class NetworkProposals:
     """A :class:`ProposalSource` running a trained :class:`ProposalNetwork` (eval, no grad).
 
-    Images are ``[3, H, W]`` floats in [0, 1] or uint8; results come back on the CPU.
+    Always in fp32, whatever the stage's precision: proposals are box coordinates, and a bf16 RPN
+    would rank and place them differently, so the regions would depend on the precision. Images
+    are ``[3, H, W]`` floats in [0, 1] or uint8; results come back on the CPU.
     """
 
     def __init__(self, model: ProposalNetwork, device: str | torch.device = "cpu"):
@@ -77,7 +80,8 @@ class NetworkProposals:
             img.to(self.device, torch.float32) / (255.0 if img.dtype == torch.uint8 else 1.0)
             for img in images
         ]
-        boxes, scores, _ = self.model(batch)
+        with full_precision(self.device):
+            boxes, scores, _ = self.model(batch)
         return [b.cpu() for b in boxes], [s.cpu() for s in scores]
 
 

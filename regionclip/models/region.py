@@ -22,73 +22,14 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from open_clip.modified_resnet import AttentionPool2d, ModifiedResNet
-from open_clip.transformer import VisionTransformer
 from PIL import Image
 from torch import nn
-from torchvision.ops import roi_align
 
+from regionclip.models.pos_embed import interpolate_pos_embed
 from regionclip.models.preprocess import CLIP_MEAN, CLIP_STD, batch_images, resize_for_detection, scale_boxes
-
-
-def interpolate_pos_embed(
-    pos_embed: torch.Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]
-) -> torch.Tensor:
-    """Resize a positional embedding with one leading class/global row to another token grid.
-
-    ``pos_embed``: [1 + gh0 * gw0, C] (row-major grid after the leading row). Returns
-    [1 + gh * gw, C]: the leading row unchanged, the grid resized with bicubic interpolation
-    (align_corners=False, antialiased when shrinking, as open_clip's checkpoint ``resize_pos_embed``).
-    The same grid returns ``pos_embed`` itself, so the model's native size stays bit-exact.
-    """
-    gh0, gw0 = src_grid
-    gh, gw = dst_grid
-    if pos_embed.shape[0] != 1 + gh0 * gw0:
-        raise ValueError(f"positional embedding has {pos_embed.shape[0]} rows, expected 1 + {gh0}*{gw0}")
-    if (gh, gw) == (gh0, gw0):
-        return pos_embed
-    grid = pos_embed[1:].reshape(1, gh0, gw0, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=(gh, gw), mode="bicubic", align_corners=False, antialias=True)
-    grid = grid.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(gh * gw, -1)
-    return torch.cat([pos_embed[:1], grid], dim=0)
-
-
-def attention_pool(attnpool: AttentionPool2d, x: torch.Tensor) -> torch.Tensor:
-    """CLIP ResNet attention pool for any spatial size: [R, C, h, w] -> [R, D].
-
-    At the training grid (7x7 for RN50) this is ``attnpool(x)`` itself; other sizes use a
-    bicubically resized positional embedding (same computation as ``AttentionPool2d.forward``).
-    """
-    grid = math.isqrt(attnpool.positional_embedding.shape[0] - 1)
-    h, w = x.shape[-2:]
-    if (h, w) == (grid, grid):
-        return attnpool(x)
-    pos = interpolate_pos_embed(attnpool.positional_embedding, (grid, grid), (h, w))
-    tokens = x.flatten(2).permute(2, 0, 1)  # (hw)RC
-    tokens = torch.cat([tokens.mean(dim=0, keepdim=True), tokens], dim=0)
-    tokens = tokens + pos[:, None, :].to(tokens.dtype)
-    out, _ = F.multi_head_attention_forward(
-        query=tokens,
-        key=tokens,
-        value=tokens,
-        embed_dim_to_check=tokens.shape[-1],
-        num_heads=attnpool.num_heads,
-        q_proj_weight=attnpool.q_proj.weight,
-        k_proj_weight=attnpool.k_proj.weight,
-        v_proj_weight=attnpool.v_proj.weight,
-        in_proj_weight=None,
-        in_proj_bias=torch.cat([attnpool.q_proj.bias, attnpool.k_proj.bias, attnpool.v_proj.bias]),
-        bias_k=None,
-        bias_v=None,
-        add_zero_attn=False,
-        dropout_p=0.0,
-        out_proj_weight=attnpool.c_proj.weight,
-        out_proj_bias=attnpool.c_proj.bias,
-        use_separate_proj_weight=True,
-        training=attnpool.training,
-        need_weights=False,
-    )
-    return out[0]
+from regionclip.models.resnet_path import c4_features, region_head
+from regionclip.models.roi_align import roi_align
+from regionclip.models.towers import tower_kind
 
 
 class RegionEncoder(nn.Module):
@@ -107,13 +48,13 @@ class RegionEncoder(nn.Module):
     def __init__(self, visual: nn.Module, pooler_resolution: int | None = None):
         super().__init__()
         self.visual = visual
-        if isinstance(visual, ModifiedResNet):
-            self.kind = "resnet"
+        self.kind = tower_kind(visual)
+        if self.kind == "resnet":
             self.stride = 16
             grid = math.isqrt(visual.attnpool.positional_embedding.shape[0] - 1)
             default_res = 2 * grid
             self.output_dim = visual.attnpool.c_proj.out_features
-        elif isinstance(visual, VisionTransformer):
+        else:
             if getattr(visual, "attn_pool", None) is not None:
                 raise ValueError(
                     "ViT towers with an attentional pooler (CoCa) are not supported for region pooling"
@@ -121,15 +62,10 @@ class RegionEncoder(nn.Module):
             ph, pw = visual.patch_size
             if ph != pw:
                 raise ValueError(f"non-square patches {visual.patch_size} are not supported")
-            self.kind = "vit"
             self.stride = ph
             default_res = visual.grid_size[0]
             self.output_dim = (
                 visual.proj.shape[1] if visual.proj is not None else visual.ln_post.normalized_shape[0]
-            )
-        else:
-            raise TypeError(
-                f"region pooling supports open_clip ModifiedResNet and VisionTransformer towers, got {type(visual).__name__}"
             )
         self.pooler_resolution = int(pooler_resolution or default_res)
         if self.pooler_resolution <= 0:
@@ -145,7 +81,7 @@ class RegionEncoder(nn.Module):
     def _backbone(self, images: torch.Tensor) -> torch.Tensor:
         v = self.visual
         if self.kind == "resnet":
-            return v.layer3(v.layer2(v.layer1(v.stem(images))))
+            return c4_features(v, images)
         # Mirrors VisionTransformer._embeds + transformer with a resized positional embedding.
         # Patch dropout is not applied: it would punch holes in the token grid.
         x = v.conv1(images)  # [B, C, gh, gw]
@@ -203,7 +139,7 @@ class RegionEncoder(nn.Module):
     def _head(self, pooled: torch.Tensor) -> torch.Tensor:
         v = self.visual
         if self.kind == "resnet":
-            return attention_pool(v.attnpool, v.layer4(pooled))
+            return region_head(v, pooled)
         x = pooled.mean(dim=(2, 3))
         if v.final_ln_after_pool:
             x = v.ln_post(x)

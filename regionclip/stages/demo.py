@@ -3,8 +3,13 @@
 The plan (:func:`plan_seed`) lists every stage of one seed as an entry-point call:
 
     data -> teacher -> rpn -> concepts -> pseudolabel -> pseudolabel of the other mode(s) (first
-    input shard only, for their label precision) -> student -> eval teacher -> eval student ->
-    transfer from the teacher (tag clip) -> transfer from the student (tag regionclip)
+    input shard only, for their label precision) -> student -> control -> eval of teacher, control
+    and student -> transfer from the teacher (tag clip), the control (tag control) and the student
+    (tag regionclip)
+
+The control is the student's exact recipe (same init, images, steps, optimiser, freezing) with the
+image–text loss alone (``pretrain.mode=image_text`` on the pseudo-label stage's input shards): the
+student's gain over it is what region supervision adds, not what more training adds.
 
 Every stage after the teacher loads the teacher that the demo trained (``teacher.pretrained`` =
 the teacher run's ``final`` folder). ``key=value`` overrides reach every stage, except that
@@ -91,6 +96,14 @@ def plan_seed(
     ov = [*overrides, *per_seed, f"teacher.pretrained={teacher_final}"]
     cfg = load_config(config, ov)
     student_final = str(Path(cfg.pretrain.out_dir) / "final")
+    control_ov = [
+        *ov,
+        "pretrain.mode=image_text",
+        f"pretrain.shards={cfg.pseudolabel.input_shards}",
+        f"pretrain.out_dir={Path(cfg.output_dir) / 'control'}",
+    ]
+    control_cfg = load_config(config, control_ov)
+    control_final = str(Path(control_cfg.pretrain.out_dir) / "final")
     check_mode(cfg.pseudolabel.mode)
     other = other_mode(cfg.pseudolabel.mode)
     first_shard = plan_outputs(cfg.pseudolabel)[0][0]
@@ -99,8 +112,16 @@ def plan_seed(
         f"pseudolabel.input_shards={first_shard}",
         f"pseudolabel.out_dir={Path(cfg.output_dir) / f'pseudolabels-{other}-first-shard'}",
     ]
-    evals = {"teacher": [], "student": [f"eval.model.pretrained={student_final}"]}
-    transfers = {"clip": [], "regionclip": [f"transfer.init.pretrained={student_final}"]}
+    evals = {
+        "teacher": [],
+        "control": [f"eval.model.pretrained={control_final}"],
+        "student": [f"eval.model.pretrained={student_final}"],
+    }
+    transfers = {
+        "clip": [],
+        "control": [f"transfer.init.pretrained={control_final}"],
+        "regionclip": [f"transfer.init.pretrained={student_final}"],
+    }
 
     def args(cfg_file: str, extra: list[str]) -> list[str]:
         return ["--config", cfg_file, *extra]
@@ -122,6 +143,7 @@ def plan_seed(
         )
     )
     stages.append(Stage("student", "pretrain", args(config, ov), [cfg.pretrain.out_dir]))
+    stages.append(Stage("control", "pretrain", args(config, control_ov), [control_cfg.pretrain.out_dir]))
     files: dict[str, Any] = {}
     for tag, extra in evals.items():
         stage_ov = [*ov, *extra, f"eval.tag={tag}"]
@@ -145,6 +167,7 @@ def plan_seed(
         concepts_summary=str(Path(cfg.concepts.out_dir) / "summary.json"),
         teacher_losses=str(Path(tcfg.pretrain.out_dir) / "losses.jsonl"),
         student_losses=str(Path(cfg.pretrain.out_dir) / "losses.jsonl"),
+        control_losses=str(Path(control_cfg.pretrain.out_dir) / "losses.jsonl"),
         val_json=cfg.data.val_json,
         image_root=cfg.data.image_root,
     )

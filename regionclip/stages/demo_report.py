@@ -13,9 +13,11 @@ import torch
 from PIL import Image
 
 from regionclip.config import section_hash
+from regionclip.data.coco import read_coco
 from regionclip.data.detection import load_rgb
 from regionclip.data.pseudo_labels import iter_pseudo_labels
 from regionclip.evaluation.label_precision import label_precision
+from regionclip.evaluation.thresholds import OperatingPoint, best_f1_threshold
 from regionclip.labeling.modes import other_mode
 from regionclip.utils import atomic_write_json, atomic_write_text
 from regionclip.viz import draw_detections, draw_loss_curves, draw_pseudo_labels, image_grid, save_png
@@ -25,10 +27,20 @@ if TYPE_CHECKING:
 
 SPLITS = ("all", "base", "novel")
 # results.json figures that are fractions in [0, 1] (shown as %)
-FRACTION_PREFIXES = ("region_acc.", "ovd_ap50.", "pseudolabel.precision", "concepts.category_recall")
+FRACTION_PREFIXES = (
+    "region_acc.",
+    "ovd_ap50.",
+    "ovd_ap50_gt_boxes.",
+    "zero_shot_ap50.",
+    "pseudolabel.precision",
+    "concepts.category_recall",
+    "detections_picture.precision",
+    "detections_picture.recall",
+    "detections_picture.f1",
+)
+MODELS = ("teacher", "control", "student")
 LOSS_TERMS = ("loss", "image_text", "distill", "contrastive")
 GRID_IMAGES = 16
-DETECTION_MIN_SCORE = 0.3
 DETECTIONS_PER_IMAGE = 6
 CELL = 256
 
@@ -46,6 +58,12 @@ def region_top1(eval_report: dict[str, Any]) -> dict[str, float | None]:
     """``{split: top-1}`` of an eval report (``pipelines.eval``'s ``<tag>.json``)."""
     acc = eval_report["region_accuracy"]
     return {s: acc.get(s, {}).get("top1") for s in SPLITS}
+
+
+def zero_shot_ap50(eval_report: dict[str, Any]) -> dict[str, float | None]:
+    """``{split: AP50}`` of an eval report's detection on RPN boxes (None without ``eval.rpn``)."""
+    detection = eval_report.get("zero_shot_detection") or {}
+    return {s: detection.get("AP50", {}).get(s) for s in SPLITS}
 
 
 def transfer_ap50(metrics: dict[str, Any]) -> dict[str, float | None]:
@@ -71,14 +89,16 @@ def build_results(plan: SeedPlan, seconds: dict[str, float], skipped: Sequence[s
     trained_first = label_precision(f["pseudolabels"][:1], names)
     other_first = label_precision(f["other_pseudolabels"], names)
     recall = _read_json(f["concepts_summary"]).get("category_recall") or {}
-    region = {
-        "teacher": region_top1(_read_json(f["eval_teacher"])),
-        "student": region_top1(_read_json(f["eval_student"])),
+    evals = {m: _read_json(f[f"eval_{m}"]) for m in MODELS}
+    region = {m: region_top1(evals[m]) for m in MODELS}
+    zero_shot = {m: zero_shot_ap50(evals[m]) for m in MODELS}
+    metrics = {
+        f"{tag}_init": _read_json(Path(f[f"transfer_{tag}"]) / "metrics.json")
+        for tag in ("clip", "control", "regionclip")
     }
-    ap50 = {
-        "clip_init": transfer_ap50(_read_json(Path(f["transfer_clip"]) / "metrics.json")),
-        "regionclip_init": transfer_ap50(_read_json(Path(f["transfer_regionclip"]) / "metrics.json")),
-    }
+    ap50 = {init: transfer_ap50(m) for init, m in metrics.items()}
+    # the same detectors with the val boxes as proposals (transfer.diagnose_gt_boxes): recognition alone
+    gt_boxes_ap50 = {init: transfer_ap50(m.get("gt_boxes", {})) for init, m in metrics.items()}
     return {
         "config": {
             "name": plan.cfg.name,
@@ -87,11 +107,22 @@ def build_results(plan: SeedPlan, seconds: dict[str, float], skipped: Sequence[s
             "hash": section_hash(plan.cfg),
         },
         "seed": plan.seed,
-        "region_acc": {**region, "student_minus_teacher": difference(region["teacher"], region["student"])},
+        "region_acc": {
+            **region,
+            "student_minus_teacher": difference(region["teacher"], region["student"]),
+            "student_minus_control": difference(region["control"], region["student"]),
+        },
+        "zero_shot_ap50": {
+            **zero_shot,
+            "student_minus_teacher": difference(zero_shot["teacher"], zero_shot["student"]),
+            "student_minus_control": difference(zero_shot["control"], zero_shot["student"]),
+        },
         "ovd_ap50": {
             **ap50,
             "regionclip_minus_clip": difference(ap50["clip_init"], ap50["regionclip_init"]),
+            "regionclip_minus_control": difference(ap50["control_init"], ap50["regionclip_init"]),
         },
+        "ovd_ap50_gt_boxes": gt_boxes_ap50,
         "pseudolabel": {
             "precision": {mode: trained["precision"], other: other_first["precision"]},
             "precision_first_shard": {mode: trained_first["precision"], other: other_first["precision"]},
@@ -208,11 +239,22 @@ def results_markdown(results: dict[str, Any]) -> str:
     ]
     rows = [
         ("region top-1, teacher", "region_acc.teacher"),
+        ("region top-1, control (image–text loss only)", "region_acc.control"),
         ("region top-1, student", "region_acc.student"),
         ("student − teacher (points)", "region_acc.student_minus_teacher"),
+        ("student − control (points)", "region_acc.student_minus_control"),
+        ("zero-shot AP50 on RPN boxes, teacher", "zero_shot_ap50.teacher"),
+        ("zero-shot AP50 on RPN boxes, control", "zero_shot_ap50.control"),
+        ("zero-shot AP50 on RPN boxes, student", "zero_shot_ap50.student"),
+        ("zero-shot student − control (points)", "zero_shot_ap50.student_minus_control"),
         ("OVD AP50, teacher init (CLIP)", "ovd_ap50.clip_init"),
+        ("OVD AP50, control init", "ovd_ap50.control_init"),
         ("OVD AP50, student init (RegionCLIP)", "ovd_ap50.regionclip_init"),
         ("RegionCLIP − CLIP (points)", "ovd_ap50.regionclip_minus_clip"),
+        ("RegionCLIP − control (points)", "ovd_ap50.regionclip_minus_control"),
+        ("OVD AP50 with val boxes as proposals, teacher init", "ovd_ap50_gt_boxes.clip_init"),
+        ("OVD AP50 with val boxes as proposals, control init", "ovd_ap50_gt_boxes.control_init"),
+        ("OVD AP50 with val boxes as proposals, student init", "ovd_ap50_gt_boxes.regionclip_init"),
     ]
     for label, key in rows:
         lines.append(f"| {label} | " + " | ".join(_cell(flat, std, f"{key}.{s}") for s in SPLITS) + " |")
@@ -231,6 +273,13 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines.append(
         f"| concept pool recall of category names | {_cell(flat, std, 'concepts.category_recall')} |"
     )
+    threshold = flat.get("detections_picture.score_threshold")
+    if _is_number(threshold):
+        lines.append(
+            f"| detections.png score threshold {threshold:.3f}: F1-optimal on val (precision "
+            f"{_cell(flat, std, 'detections_picture.precision')}, recall "
+            f"{_cell(flat, std, 'detections_picture.recall')}) | {_cell(flat, std, 'detections_picture.f1')} |"
+        )
     lines += ["", "| stage | seconds |", "|---|---|"]
     stage_keys = [k for k in flat if k.startswith("seconds_per_stage.")]
     for key in stage_keys:
@@ -289,22 +338,20 @@ def pseudolabel_png(plan: SeedPlan, out: Path) -> None:
     save_png(image_grid(cells), out)
 
 
-def detections_png(plan: SeedPlan, out: Path) -> None:
-    """A grid of val images with the student-initialised detector's detections (score >=
-    DETECTION_MIN_SCORE, best DETECTIONS_PER_IMAGE)."""
-    val = json.loads(Path(plan.files["val_json"]).read_text(encoding="utf-8"))
-    dets = json.loads(
-        (Path(plan.files["transfer_regionclip"]) / "detections.json").read_text(encoding="utf-8")
-    )
-    cat_index = {c["id"]: k for k, c in enumerate(val["categories"])}
-    names = [c["name"] for c in val["categories"]]
+def detections_png(plan: SeedPlan, out: Path) -> OperatingPoint:
+    """A grid of val images with the student-initialised detector's detections (its best
+    DETECTIONS_PER_IMAGE at or above its F1-optimal score threshold on val); returns that point."""
+    val = read_coco(plan.files["val_json"], plan.files["image_root"])
+    dets = _read_json(Path(plan.files["transfer_regionclip"]) / "detections.json")
+    point = best_f1_threshold(val.images, dets)
+    cat_index = {cid: k for k, cid in enumerate(val.category_ids)}
     cells = []
-    for image in val["images"][:GRID_IMAGES]:
+    for image in val.images[:GRID_IMAGES]:
         mine = sorted(
-            (d for d in dets if d["image_id"] == image["id"] and d["score"] >= DETECTION_MIN_SCORE),
+            (d for d in dets if d["image_id"] == image.id and d["score"] >= point.threshold),
             key=lambda d: -d["score"],
         )[:DETECTIONS_PER_IMAGE]
-        im = load_rgb(Path(plan.files["image_root"]) / image["file_name"])
+        im = load_rgb(image.path)
         scale = CELL / max(im.size)
         pic = im.resize((round(im.width * scale), round(im.height * scale)))
         boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in mine)]).reshape(
@@ -313,21 +360,29 @@ def detections_png(plan: SeedPlan, out: Path) -> None:
         cell = Image.new("RGB", (CELL, CELL), (255, 255, 255))
         scores = torch.tensor([d["score"] for d in mine])
         labels = torch.tensor([cat_index[d["category_id"]] for d in mine])
-        cell.paste(draw_detections(pic, boxes * scale, scores, labels, names))
+        cell.paste(draw_detections(pic, boxes * scale, scores, labels, val.names))
         cells.append(cell)
     save_png(image_grid(cells), out)
+    return point
 
 
 def write_seed_report(plan: SeedPlan, seconds: dict[str, float], skipped: list[str]) -> dict[str, Any]:
     """``results.json``, ``RESULTS.md`` and the three PNGs of one seed in its folder; returns the results."""
     results = build_results(plan, seconds, skipped)
     out = plan.out_dir
+    point = detections_png(plan, out / "detections.png")
+    results["detections_picture"] = {
+        "score_threshold": point.threshold,
+        "precision": point.precision,
+        "recall": point.recall,
+        "f1": point.f1,
+        "chosen_by": "maximal F1 at IoU 0.5 of the student-initialised detector on val",
+    }
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "RESULTS.md", results_markdown(results))
     pseudolabel_png(plan, out / "pseudolabels.png")
-    detections_png(plan, out / "detections.png")
     panels = []
-    for name in ("teacher", "student"):
+    for name in MODELS:
         log = Path(plan.files[f"{name}_losses"])
         panels.append((f"{name} training losses", read_loss_log(log) if log.is_file() else {}))
     save_png(draw_loss_curves(panels), out / "loss_curves.png")

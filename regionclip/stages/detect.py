@@ -109,6 +109,7 @@ def run_detect(
     n, s = summary["images"], summary["seconds"]
     summary["line"] = (
         f"detect: {summary['detections']} detections of {len(names)} classes on {n} images "
-        f"({summary['unreadable']} unreadable) in {s:.1f} s ({n / max(s, 1e-9):.2f} img/s) -> {summary['json']}"
+        f"({summary['unreadable']} unreadable) in {s:.1f} s ({n / max(s, 1e-9):.2f} img/s, {params.precision}) "
+        f"-> {summary['json']}"
     )
     return summary

@@ -24,6 +24,7 @@ from regionclip.evaluation.zero_shot import DetectionParams, region_accuracy, ze
 from regionclip.models.loading import WEIGHTS_FILE, load_clip
 from regionclip.models.rpn import WEIGHTS_FILE as RPN_WEIGHTS_FILE
 from regionclip.models.rpn import load_rpn
+from regionclip.precision import resolve_precision
 from regionclip.text import check_class_embeddings, class_embeddings_for, load_embeddings, read_names_file
 from regionclip.utils import atomic_write_json
 
@@ -67,6 +68,7 @@ def run_eval(ev: EvalConfig, device: torch.device) -> dict[str, Any] | None:
     if finished(out, run) is not None:
         return None
     start = time.perf_counter()
+    precision = resolve_precision(ev.precision, device, "eval.precision")
     errors = SampleErrors()
     data = read_coco(ev.json, ev.image_root).head(ev.max_images)
     splits = category_splits(data.categories, novel=ev.novel)
@@ -80,14 +82,23 @@ def run_eval(ev: EvalConfig, device: torch.device) -> dict[str, Any] | None:
         embeddings = class_embeddings_for(loaded, names, ev.templates, ev.cache_dir or None)
     check_class_embeddings(embeddings, loaded.embed_dim, len(data.categories), vocab_source, ev.json)
     accuracy = region_accuracy(
-        loaded, data, ev.image_root, embeddings, splits, ev.short_side, ev.max_side, ev.batch_size, errors
+        loaded,
+        data,
+        ev.image_root,
+        embeddings,
+        splits,
+        ev.short_side,
+        ev.max_side,
+        ev.batch_size,
+        errors,
+        precision,
     )
     detection = None
     if ev.rpn:
         params = DetectionParams(
             temperature=ev.temperature, score_thresh=ev.score_thresh, nms_thresh=ev.nms, max_dets=ev.max_dets,
             multiply_rpn_score=ev.multiply_rpn_score, rpn_nms_thresh=ev.rpn_nms, rpn_post_nms_top_n=ev.rpn_topk,
-            short_side=ev.short_side, max_side=ev.max_side,
+            short_side=ev.short_side, max_side=ev.max_side, precision=precision,
         )  # fmt: skip
         ap, results = zero_shot_detection(
             loaded,
@@ -112,6 +123,7 @@ def run_eval(ev: EvalConfig, device: torch.device) -> dict[str, Any] | None:
         "splits": {name: len(ids) for name, ids in splits.items()},
         "region_accuracy": accuracy,
         "zero_shot_detection": detection,
+        "precision": precision,
         "skipped": dict(errors.counts),
         "skipped_report": errors.report_lines() if errors.counts else [],
         "seconds": round(time.perf_counter() - start, 2),

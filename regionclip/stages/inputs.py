@@ -48,4 +48,6 @@ def pretrain_inputs(cfg: ExperimentConfig) -> PretrainInputs:
                 build_labeler(cfg.pseudolabel, cfg.teacher, cfg.rpn.out_dir, cfg.rpn.precomputed, device)[0]
             )
 
-    return PretrainInputs(urls, weights_id_of(cfg.teacher), online)
+    # Only stored pseudo-labels name a teacher; the other modes never touch ``cfg.teacher``'s weights.
+    labelled = p.mode == "regions" and not p.online
+    return PretrainInputs(urls, weights_id_of(cfg.teacher) if labelled else None, online)

@@ -4,7 +4,8 @@
   ``regions`` with ``online`` (RPN + teacher inside the step on image–text shards, RegionCLIP's
   original design), ``image_text`` (image–text shards, image–text loss only: a plain CLIP trainer);
 - SGD (RegionCLIP) or AdamW, the one schedule (:mod:`regionclip.engine.schedule`), gradient
-  accumulation, grad-norm clipping, bf16 autocast on GPU, all through the one training loop
+  accumulation, grad-norm clipping, ``pretrain.precision`` (bf16/fp16 autocast through Accelerate,
+  fp32 master weights), all through the one training loop
   (:class:`~regionclip.engine.loop.Trainer`) with an Accelerate backend;
 - the image–text loss gathers embeddings of all processes *with gradient*; region losses stay
   per process (as in RegionCLIP).
@@ -51,6 +52,7 @@ from regionclip.labeling.labeler import OnlineLabels
 from regionclip.losses import RegionCLIPLoss
 from regionclip.models.loading import WEIGHTS_FILE
 from regionclip.models.student import build_student, compute_losses
+from regionclip.precision import PRECISIONS, autocast, resolve_precision
 from regionclip.text import load_embeddings
 from regionclip.utils import atomic_write_json, resolve_device, sha256_file
 
@@ -58,7 +60,6 @@ log = logging.getLogger(__name__)
 
 MODES = ("regions", "image_text")
 OPTIMIZERS = ("sgd", "adamw")
-PRECISIONS = ("fp32", "bf16")
 TERMS = ("loss", "image_text", "distill", "contrastive")
 SUMMARY_FILE = "summary.json"
 LOSS_LOG_FILE = "losses.jsonl"
@@ -317,11 +318,12 @@ def train(p: PretrainConfig, inputs: PretrainInputs, device_name: str = "auto") 
         )
         return done
     device = resolve_device(device_name)
-    use_bf16 = p.precision == "bf16" and device.type == "cuda"
-    if p.precision == "bf16" and not use_bf16:
-        log.warning("pretrain.precision=bf16 autocasts on GPU only; training in fp32 on %s", device)
+    precision = resolve_precision(p.precision, device, "pretrain.precision")
+    # bf16 needs no loss scaling: our own autocast, so that runs of another precision can share a
+    # process (Accelerate's state is process-wide); fp16 goes through Accelerate for its grad scaler
     acc = Accelerator(cpu=device.type == "cpu", gradient_accumulation_steps=p.grad_accum,
-                      mixed_precision="bf16" if use_bf16 else "no")  # fmt: skip
+                      mixed_precision="fp16" if precision == "fp16" else "no")  # fmt: skip
+    step_precision = "bf16" if precision == "bf16" else "fp32"
     rank, world = acc.process_index, acc.num_processes
     out_dir = Path(p.out_dir)
     kind = "online" if p.online else p.mode
@@ -387,7 +389,8 @@ def train(p: PretrainConfig, inputs: PretrainInputs, device_name: str = "auto") 
             gen.set_state(batch["rng_state"])
             batch = collate_pretrain(online(batch["samples"]), preprocess, student.tokenizer, gen)
         batch = batch.to(acc.device)
-        out = compute_losses(model, batch, loss_fn, concept_emb)
+        with autocast(step_precision, acc.device):
+            out = compute_losses(model, batch, loss_fn, concept_emb)
         return StepOutput(
             {t: out[t] for t in TERMS if t in out}, len(batch.keys), f"batch keys: {batch.keys}"
         )
@@ -424,6 +427,7 @@ def train(p: PretrainConfig, inputs: PretrainInputs, device_name: str = "auto") 
         "images_per_s": images_run / seconds if seconds > 0 else 0.0,
         "final_losses": last,
         "peak_memory_mb": _peak_memory_mb(acc.device),
+        "precision": precision,
         "skipped_samples": skipped,
         "final": str(final_dir),
         "run_hash": run,
@@ -438,7 +442,7 @@ def train(p: PretrainConfig, inputs: PretrainInputs, device_name: str = "auto") 
     print(
         f"pretrain ({kind}): {trainer.step} steps ({trainer.step - start_step} this run) x {summary['global_batch']} "
         f"images, {images_run} images in {seconds:.1f} s ({summary['images_per_s']:.1f} images/s on {world} "
-        f"process(es)); final {loss_txt}; skipped samples: {skipped_txt}; student in {final_dir}"
+        f"process(es), {precision}); final {loss_txt}; skipped samples: {skipped_txt}; student in {final_dir}"
     )
     acc.wait_for_everyone()
     return summary

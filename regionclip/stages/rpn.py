@@ -34,6 +34,7 @@ from regionclip.errors import ProposalError
 from regionclip.evaluation.recall import evaluate_recall
 from regionclip.models.preprocess import pil_to_tensor
 from regionclip.models.rpn import CONFIG_FILE, WEIGHTS_FILE, build_proposal_network, save_rpn
+from regionclip.precision import autocast, resolve_precision
 from regionclip.utils import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -108,8 +109,7 @@ def train_rpn(
     if is_trained(cfg):
         log.info("rpn: %s already holds a network trained with this config; skipping", out)
         return read_record(out / SUMMARY_FILE) or {"finished": True}
-    if cfg.precision not in ("fp32", "bf16"):
-        raise ProposalError(f"rpn.precision={cfg.precision!r}: expected fp32 or bf16")
+    precision = resolve_precision(cfg.precision, device, "rpn.precision")
     data = read_coco(cfg.train_json, cfg.image_root, require_images=False, keep_empty=cfg.keep_empty,
                      require_categories=False, error=ProposalError)  # fmt: skip
     if not data.images:
@@ -142,9 +142,9 @@ def train_rpn(
             return None
         images = [s["image"].to(device) for s in good]
         targets = [{"boxes": s["boxes"].to(device)} for s in good]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        with autocast(precision, device):
             _, _, losses = model(images, targets)
-        return StepOutput(losses, len(good))
+        return StepOutput({k: v.float() for k, v in losses.items()}, len(good))
 
     model.train()
     progress = trainer.fit(iter(loader), step, stop)
@@ -160,6 +160,7 @@ def train_rpn(
         "final_losses": final_losses,  # mean of the last (up to) 20 steps of this call
         "train_images": len(data.images),
         "skipped": dict(total_skipped.counts),
+        "precision": precision,
     }
     losses_text = ", ".join(f"{k} {v:.3f}" for k, v in final_losses.items())
     if trainer.step < cfg.steps:
@@ -173,9 +174,9 @@ def train_rpn(
         return {"finished": False, "train": train_summary}
     log_skips(total_skipped, cfg.train_json)
     log.info(
-        "rpn: trained %d steps on %d images (%d seen) in %.1f s, %.1f images/s; %s",
+        "rpn: trained %d steps on %d images (%d seen) in %.1f s, %.1f images/s in %s; %s",
         trainer.step, len(data.images), progress.images, progress.seconds,
-        progress.images / max(progress.seconds, 1e-9), losses_text,
+        progress.images / max(progress.seconds, 1e-9), precision, losses_text,
     )  # fmt: skip
     save_rpn(model, cfg, out, extra={"train": train_summary})
     checkpointer.clear()

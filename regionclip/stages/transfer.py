@@ -50,7 +50,7 @@ from regionclip.engine.schedule import Schedule
 from regionclip.errors import TransferError
 from regionclip.evaluation.coco_ap import ap_summary
 from regionclip.evaluation.evaluator import COCOEvaluator, DetectionEvaluator
-from regionclip.labeling.proposals import NetworkProposals
+from regionclip.labeling.proposals import NetworkProposals, PrecomputedProposals
 from regionclip.models.loading import WEIGHTS_FILE as CLIP_WEIGHTS_FILE
 from regionclip.models.loading import load_clip
 from regionclip.models.preprocess import (
@@ -63,6 +63,7 @@ from regionclip.models.preprocess import (
 from regionclip.models.rpn import CONFIG_FILE as RPN_CONFIG_FILE
 from regionclip.models.rpn import load_rpn
 from regionclip.models.towers import require_resnet
+from regionclip.precision import autocast, resolve_precision
 from regionclip.text import cached_class_embeddings, load_embeddings
 from regionclip.transfer.torchvision_rcnn import OpenVocabFasterRCNN, build_detector
 from regionclip.transfer.vocabulary import select_embeddings
@@ -180,7 +181,7 @@ def train_detector(
     )
     if start:
         log.info("transfer: resuming at step %d from %s", start, checkpointer.folder)
-    autocast = cfg.precision == "bf16" and device.type == "cuda"
+    precision = resolve_precision(cfg.precision, device, "transfer.precision")
 
     def step(batch: list[dict[str, Any]]) -> StepOutput | None:
         good = list(drop_errors(batch, skipped))
@@ -190,9 +191,9 @@ def train_detector(
         tensor, sizes = batch_images([p.image for p in preps])
         proposals = proposals_for(rpn, [s["key"] for s in good], preps, cfg.max_proposals, device)
         targets = [{"boxes": s["boxes"].to(device), "labels": s["labels"].to(device)} for s in good]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        with autocast(precision, device):
             losses = model(tensor.to(device), sizes, proposals, targets)
-        return StepOutput(losses, len(good))
+        return StepOutput({k: v.float() for k, v in losses.items()}, len(good))
 
     model.train()
     progress = trainer.fit(iter(loader), step, stop)
@@ -207,6 +208,7 @@ def train_detector(
         "images_per_s": round(progress.images / max(progress.seconds, 1e-9), 2),
         "final_losses": trainer.bar.running_means(),  # last (up to) 20 steps of this call
         "skipped": dict(skipped.counts),
+        "precision": precision,
     }
 
 
@@ -222,7 +224,7 @@ def detect_images(
     """Detect with the model's current vocabulary and feed each image's boxes (original pixels,
     clipped to the image) to ``evaluator``."""
     model.eval()
-    autocast = cfg.precision == "bf16" and device.type == "cuda"
+    precision = resolve_precision(cfg.precision, device, "transfer.precision")
     for start in tqdm(range(0, len(images), cfg.eval_batch_size), desc="transfer eval", unit="batch"):
         chunk = images[start : start + cfg.eval_batch_size]
         preps, sizes = [], []
@@ -235,7 +237,7 @@ def detect_images(
             preps.append(prepare(pil, cfg.test_short_side, cfg.max_side, rpn is not None))
         tensor, image_sizes = batch_images([p.image for p in preps])
         proposals = proposals_for(rpn, [i.file_name for i in chunk], preps, cfg.max_proposals, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        with autocast(precision, device):
             detections = model(tensor.to(device), image_sizes, proposals)
         for img, prep, (h, w), det in zip(chunk, preps, sizes, detections, strict=True):
             boxes = (det["boxes"].float().cpu() / prep.scale).clamp(min=0)
@@ -277,8 +279,7 @@ def run_transfer(cfg: TransferConfig, device: torch.device, stop_after: int | No
     if done is not None:
         log.info("transfer: %s already holds results of this config; skipping", out)
         return done
-    if cfg.precision not in ("fp32", "bf16"):
-        raise TransferError(f"transfer.precision={cfg.precision!r}: expected fp32 or bf16")
+    precision = resolve_precision(cfg.precision, device, "transfer.precision")
     if cfg.proposals not in ("frozen", "trainable"):
         raise TransferError(f"transfer.proposals={cfg.proposals!r}: expected 'frozen' or 'trainable'")
     if not cfg.train_short_sides:
@@ -346,15 +347,26 @@ def run_transfer(cfg: TransferConfig, device: torch.device, stop_after: int | No
     eval_seconds = time.perf_counter() - t0
     results = evaluator.results
     atomic_write_json(out / DETECTIONS_FILE, results)
+    gt_boxes = None
+    if cfg.diagnose_gt_boxes and cfg.proposals != "frozen":
+        log.warning("transfer: no ground-truth-box diagnosis: a trainable RPN makes its own proposals")
+    elif cfg.diagnose_gt_boxes:
+        table = {im.file_name: (im.boxes, torch.ones(len(im.boxes))) for im in val.images}
+        gt_evaluator = COCOEvaluator(cfg.val_json, [c["id"] for c in val_cats], splits)
+        detect_images(model, PrecomputedProposals(table, "val boxes"), val.images, gt_evaluator, cfg, device)
+        gt_summary = ap_summary(gt_evaluator.evaluate(), val_cats, splits)
+        gt_boxes = {k: gt_summary[k] for k in ("AP50_all", "AP50_base", "AP50_novel", "AP50_per_class")}
     summary = {
         "finished": True,
         "run_hash": this_run,
         "tag": cfg.tag,
         "init": init_identity,
         **ap_summary(evaluator.evaluate(), val_cats, splits),
+        "precision": precision,
         "eval": {"images": len(val.images), "detections": len(results), "seconds": round(eval_seconds, 2),
                  "images_per_s": round(len(val.images) / max(eval_seconds, 1e-9), 2)},
         "train": train_summary,
+        **({"gt_boxes": gt_boxes} if gt_boxes is not None else {}),
     }  # fmt: skip
     atomic_write_json(out / METRICS_FILE, summary)
     return summary

@@ -58,8 +58,10 @@ class TextClassifier(nn.Module):
         self.weight = F.normalize(embeddings.detach().float(), dim=-1).to(self.weight.device)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``x`` [N, D] → logits [N, C + 1]: ``cat(cos(x, W), 0) / temperature``."""
-        cos = F.normalize(x.float(), dim=-1) @ self.weight.t()
+        """``x`` [N, D] → logits [N, C + 1]: ``cat(cos(x, W), 0) / temperature``, in fp32 also under
+        autocast (at temperature 0.01 a bf16 cosine would move a logit by up to 0.4)."""
+        with torch.autocast(x.device.type, enabled=False):
+            cos = F.normalize(x.float(), dim=-1) @ self.weight.t()
         background = cos.new_zeros(cos.shape[0], 1)  # a constant: no parameter, no gradient
         return torch.cat([cos, background], dim=1) / self.temperature
 

@@ -50,7 +50,7 @@ from open_clip.modified_resnet import ModifiedResNet
 from torch import Tensor, nn
 
 from regionclip.errors import ProposalError, TransferError
-from regionclip.models.region import attention_pool
+from regionclip.models.resnet_path import region_head, stage, stem
 from regionclip.models.rpn import ProposalNetwork, load_rpn
 from regionclip.models.towers import freeze_stages
 from regionclip.text import load_embeddings
@@ -166,22 +166,18 @@ class CLIPResNetC4(Backbone):
         self._out_feature_channels = {"res4": visual.layer4[0].conv1.in_channels}
         self._out_feature_strides = {"res4": C4_STRIDE}
 
-    def stem(self, x: Tensor) -> Tensor:
-        """open_clip's ``ModifiedResNet.stem``: 3 convs + avgpool (stride 4)."""
-        x = self.act1(self.bn1(self.conv1(x)))
-        x = self.act2(self.bn2(self.conv2(x)))
-        x = self.act3(self.bn3(self.conv3(x)))
-        return self.avgpool(x)
-
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Normalised images ``[B, 3, H, W]`` → ``{"res4": [B, C4, ceil(H/2)//8, ceil(W/2)//8]}``."""
-        return {"res4": self.layer3(self.layer2(self.layer1(self.stem(x))))}
+        x = stem(self, x)
+        for layer in (self.layer1, self.layer2, self.layer3):
+            x = stage(layer, x)
+        return {"res4": x}
 
     def box_head(self, pooled: Tensor) -> Tensor:
         """RoI features ``[R, C4, s, s]`` → region embeddings ``[R, D]`` (layer4 → attention pool)."""
         if pooled.shape[0] == 0:
             return pooled.new_zeros(0, self.output_dim)
-        return attention_pool(self.attnpool, self.layer4(pooled))
+        return region_head(self, pooled)
 
 
 @BACKBONE_REGISTRY.register()
