@@ -12,6 +12,49 @@ from typing import Any
 
 from regionclip.benchmarks import Benchmark, run_in_subprocess
 
+
+def _step_figures(size: str, label: str) -> dict[str, tuple[str, str]]:
+    """The pretrain benchmark's figures of one size (``rn50`` or ``demo``)."""
+    return {
+        f"{size}_offline_step_s_fp32": ("s", f"{label}: offline step (stored pseudo-labels), fp32"),
+        f"{size}_offline_step_s_bf16": ("s", f"{label}: offline step, bf16 autocast"),
+        f"{size}_step_over_floor_fp32": (
+            "x",
+            f"{label}: fp32 step / (its FLOPs / this run's fp32 GEMM rate)",
+        ),
+        f"{size}_step_over_floor_bf16": (
+            "x",
+            f"{label}: bf16 step / (its FLOPs / this run's bf16 GEMM rate)",
+        ),
+        f"{size}_online_step_s_fp32": (
+            "s",
+            f"{label}: online step (RPN + teacher inside, RegionCLIP's design), fp32",
+        ),
+        f"{size}_online_fp32_over_offline_bf16": (
+            "x",
+            f"{label}: RegionCLIP's design in fp32 / our offline bf16 step, same batch",
+        ),
+        f"{size}_step_gflop": (
+            "GFLOP",
+            f"{label}: FLOPs of one offline step (forward + backward, FlopCounterMode)",
+        ),
+        f"{size}_offline_images_per_s_bf16": ("images/s", f"{label}: offline bf16 throughput"),
+        **{
+            f"{size}_gemm_gflop_per_s_{p}": (
+                "GFLOP/s",
+                f"{label}: 2048^3 {p} matrix product, measured beside its steps",
+            )
+            for p in ("fp32", "bf16")
+        },
+        f"{size}_offline_fp32_peak_rss_gib": ("GiB", f"{label}: peak RSS, offline fp32 process"),
+        f"{size}_offline_bf16_peak_rss_gib": ("GiB", f"{label}: peak RSS, offline bf16 process"),
+        f"{size}_online_fp32_peak_rss_gib": (
+            "GiB",
+            f"{label}: peak RSS, online fp32 process (+ teacher, RPN)",
+        ),
+    }
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     "reader": Benchmark(
         "regionclip.benchmarks.reader:bench_reader",
@@ -76,82 +119,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     ),
     "pretrain": Benchmark(
         "regionclip.benchmarks.pretrain:bench_pretrain",
-        {
-            "rn50_offline_step_s_fp32": ("s", "RN50 size: offline step (stored pseudo-labels), fp32"),
-            "rn50_offline_step_s_bf16": ("s", "RN50 size: offline step, bf16 autocast"),
-            "rn50_step_over_floor_fp32": (
-                "x",
-                "RN50 size: fp32 step / (its FLOPs / this run's fp32 GEMM rate)",
-            ),
-            "rn50_step_over_floor_bf16": (
-                "x",
-                "RN50 size: bf16 step / (its FLOPs / this run's bf16 GEMM rate)",
-            ),
-            "rn50_online_step_s_fp32": (
-                "s",
-                "RN50 size: online step (RPN + teacher inside, RegionCLIP's design), fp32",
-            ),
-            "rn50_online_fp32_over_offline_bf16": (
-                "x",
-                "RN50 size: RegionCLIP's design in fp32 / our offline bf16 step, same batch",
-            ),
-            "rn50_step_gflop": (
-                "GFLOP",
-                "RN50 size: FLOPs of one offline step (forward + backward, FlopCounterMode)",
-            ),
-            "rn50_offline_images_per_s_bf16": ("images/s", "RN50 size: offline bf16 throughput"),
-            "rn50_gemm_gflop_per_s_fp32": (
-                "GFLOP/s",
-                "RN50 size: 2048^3 fp32 matrix product, measured beside its steps",
-            ),
-            "rn50_gemm_gflop_per_s_bf16": (
-                "GFLOP/s",
-                "RN50 size: 2048^3 bf16 matrix product, measured beside its steps",
-            ),
-            "rn50_offline_fp32_peak_rss_gib": ("GiB", "RN50 size: peak RSS, offline fp32 process"),
-            "rn50_offline_bf16_peak_rss_gib": ("GiB", "RN50 size: peak RSS, offline bf16 process"),
-            "rn50_online_fp32_peak_rss_gib": (
-                "GiB",
-                "RN50 size: peak RSS, online fp32 process (+ teacher, RPN)",
-            ),
-            "demo_offline_step_s_fp32": ("s", "demo size: offline step (stored pseudo-labels), fp32"),
-            "demo_offline_step_s_bf16": ("s", "demo size: offline step, bf16 autocast"),
-            "demo_step_over_floor_fp32": (
-                "x",
-                "demo size: fp32 step / (its FLOPs / this run's fp32 GEMM rate)",
-            ),
-            "demo_step_over_floor_bf16": (
-                "x",
-                "demo size: bf16 step / (its FLOPs / this run's bf16 GEMM rate)",
-            ),
-            "demo_online_step_s_fp32": (
-                "s",
-                "demo size: online step (RPN + teacher inside, RegionCLIP's design), fp32",
-            ),
-            "demo_online_fp32_over_offline_bf16": (
-                "x",
-                "demo size: RegionCLIP's design in fp32 / our offline bf16 step, same batch",
-            ),
-            "demo_step_gflop": (
-                "GFLOP",
-                "demo size: FLOPs of one offline step (forward + backward, FlopCounterMode)",
-            ),
-            "demo_offline_images_per_s_bf16": ("images/s", "demo size: offline bf16 throughput"),
-            "demo_gemm_gflop_per_s_fp32": (
-                "GFLOP/s",
-                "demo size: 2048^3 fp32 matrix product, measured beside its steps",
-            ),
-            "demo_gemm_gflop_per_s_bf16": (
-                "GFLOP/s",
-                "demo size: 2048^3 bf16 matrix product, measured beside its steps",
-            ),
-            "demo_offline_fp32_peak_rss_gib": ("GiB", "demo size: peak RSS, offline fp32 process"),
-            "demo_offline_bf16_peak_rss_gib": ("GiB", "demo size: peak RSS, offline bf16 process"),
-            "demo_online_fp32_peak_rss_gib": (
-                "GiB",
-                "demo size: peak RSS, online fp32 process (+ teacher, RPN)",
-            ),
-        },
+        {**_step_figures("rn50", "RN50 size"), **_step_figures("demo", "demo size")},
         "One full training step (collate, forward, RegionCLIP's three losses, backward, grad-norm clip, "
         "SGD step; Accelerate as in `pretrain.py`) on the same in-memory batch and the same random "
         "student: offline from stored pseudo-labels vs online (RPN, 100 of 300 proposals, teacher and "
