@@ -7,10 +7,11 @@ Input (``data_prep.generic``): a table of image path + caption, either
 - ``captions.jsonl``: one JSON object per line, ``{"path": "a/b.jpg", "caption": "..." | ["...", ...]}``
   (field names from ``path_column`` / ``caption_column``); ``table`` empty = ``<image_dir>/captions.jsonl``;
 - a ``.csv`` / ``.tsv`` (optionally ``.gz``/``.bz2``/``.zst`` compressed; TSV fields are never
-  quoted, so captions may contain ``"``) or ``.parquet`` file with a header naming the two columns.
+  quoted, so captions may contain ``"``; a quoted CSV field spans lines only with
+  ``csv_multiline``) or ``.parquet`` file with a header naming the two columns.
 
 Paths are relative to ``image_dir`` (empty = the table's folder) unless absolute. Each row becomes
-one sample with key = its zero-padded row number (unique, stable when other rows are skipped) and
+one sample with key = its zero-padded row number (unique; bad rows keep theirs, so keys stay put) and
 meta ``{width, height, source_id: row, file_name: path as given}``. JPEG/PNG/WebP bytes are copied
 as they are; other formats Pillow can read are re-encoded to PNG. Bad rows (missing or undecodable
 image, empty caption, malformed line) are skipped, counted by reason and reported; a missing
@@ -21,6 +22,7 @@ Also home of the helpers the COCO converter shares: image probing, atomic JSON w
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -305,7 +307,9 @@ def _table_format(table: Path) -> str:
     )
 
 
-def iter_rows(table: str | os.PathLike, path_column: str, caption_column: str) -> Iterator[Row | dict]:
+def iter_rows(
+    table: str | os.PathLike, path_column: str, caption_column: str, csv_multiline: bool = False
+) -> Iterator[Row | dict]:
     """Rows of a jsonl/csv/tsv/parquet table; malformed rows come out as error records.
 
     Checks that the file is readable and has both columns before returning.
@@ -321,7 +325,7 @@ def iter_rows(table: str | os.PathLike, path_column: str, caption_column: str) -
         return _jsonl_rows(table, path_column, caption_column)
     if kind == "parquet":
         return _parquet_rows(table, path_column, caption_column)
-    return _csv_rows(table, path_column, caption_column, "\t" if kind == "tsv" else ",")
+    return _csv_rows(table, path_column, caption_column, "\t" if kind == "tsv" else ",", csv_multiline)
 
 
 def _missing_column(table: Path, column: str, found: Sequence[str], setting: str) -> DataPrepError:
@@ -365,58 +369,80 @@ def _jsonl_rows(table: Path, path_column: str, caption_column: str) -> Iterator[
             yield Row(_key(index), where, record[path_column], record[caption_column])
 
 
-def _csv_rows(table: Path, path_column: str, caption_column: str, sep: str) -> Iterator[Row | dict]:
+def _csv_records(stream: Iterator[bytes], quoted: bool, multiline: bool) -> Iterator[tuple[int, bytes, str]]:
+    """Records of a CSV/TSV byte stream as ``(first line number, bytes, problem)``; blank lines are
+    not records. A quoted CSV field may span lines only when ``multiline``: otherwise a line with an
+    unbalanced quote is a bad record of its own, instead of swallowing the rows after it."""
+    pending, start = b"", 0
+    for lineno, line in enumerate(stream, 1):
+        if not pending and not line.strip():
+            continue
+        pending, start = pending + line, start or lineno
+        if quoted and pending.count(b'"') % 2:
+            if multiline:
+                continue
+            yield (
+                start,
+                pending,
+                "unterminated quote (set data_prep.generic.csv_multiline=true for fields over lines)",
+            )
+        else:
+            yield start, pending, ""
+        pending, start = b"", 0
+    if pending:
+        yield start, pending, "unterminated quote at the end of the file"
+
+
+def _csv_rows(
+    table: Path, path_column: str, caption_column: str, sep: str, multiline: bool
+) -> Iterator[Row | dict]:
+    """Rows of a CSV (quoted) or TSV (never quoted: CC3M style, a '"' is just a character) table.
+    A row's key is its record number after the header, bad records included, so keys stay put
+    when other rows are skipped."""
     import pyarrow as pa
-    import pyarrow.csv as pcsv
 
-    bad: list[Any] = []  # rows with a wrong number of fields, collected while a block is parsed
-
-    def on_bad_row(row: Any) -> str:
-        bad.append(row)
-        return "skip"
-
-    # TSV files (CC3M style) are never quoted: a '"' inside a caption is just a character.
-    parse = pcsv.ParseOptions(
-        delimiter=sep,
-        quote_char='"' if sep == "," else False,
-        newlines_in_values=sep == ",",
-        invalid_row_handler=on_bad_row,
-    )
-    read = pcsv.ReadOptions(use_threads=False)  # single-threaded parsing keeps bad-row line numbers
+    quoted = sep == ","
     try:
-        columns = pcsv.open_csv(table, read_options=read, parse_options=parse).schema.names
+        stream = io.BufferedReader(pa.input_stream(str(table), compression="detect"))
+        records = _csv_records(iter(stream), quoted, multiline)
+        header = next(records, None)
     except (pa.ArrowException, OSError) as e:
         raise DataPrepError(f"{table}: cannot read table: {e}") from None
-    _check_columns(table, columns, path_column, caption_column)
-    bad.clear()
-    # Read as bytes and decode per row, so that invalid UTF-8 costs one row, not the rest of the file.
-    raw = {path_column: pa.binary(), caption_column: pa.binary()}
-    convert = pcsv.ConvertOptions(include_columns=list(raw), column_types=raw)
+    dialect = {"delimiter": sep, "strict": True}
+    dialect.update({"quotechar": '"'} if quoted else {"quoting": csv.QUOTE_NONE})
 
-    def bad_rows() -> Iterator[dict]:
-        for row in bad:
-            detail = f"expected {row.expected_columns} fields, got {row.actual_columns}: {row.text[:200]!r}"
-            yield error_record("bad_line", "", f"{table} line {row.number}", detail)
-        bad.clear()
+    def fields(record: bytes) -> list[str]:
+        text = record.decode("utf-8").rstrip("\r\n")
+        return next(csv.reader(io.StringIO(text, newline=""), **dialect), [])
+
+    try:
+        columns = fields(header[1]) if header is not None and not header[2] else []
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataPrepError(f"{table}: cannot read the header line: {e}") from None
+    columns = [c.lstrip("\ufeff") for c in columns]
+    _check_columns(table, columns, path_column, caption_column)
+    path_at, caption_at = columns.index(path_column), columns.index(caption_column)
 
     def rows() -> Iterator[Row | dict]:
-        index = 0
-        try:
-            for batch in pcsv.open_csv(
-                table, read_options=read, parse_options=parse, convert_options=convert
-            ):
-                yield from bad_rows()
-                columns = batch.to_pydict()
-                for path, caption in zip(columns[path_column], columns[caption_column], strict=True):
-                    where = f"{table} row {index}"
-                    try:
-                        yield Row(_key(index), where, path.decode("utf-8"), caption.decode("utf-8"))
-                    except UnicodeDecodeError as e:
-                        yield error_record("bad_line", _key(index), where, f"invalid UTF-8: {e}")
-                    index += 1
-        except pa.ArrowException as e:  # a parse error the row handler does not cover
-            yield error_record("unreadable_rest", "", f"{table} after row {index}", str(e))
-        yield from bad_rows()
+        with stream:
+            for index, (lineno, record, problem) in enumerate(records):
+                key, where = _key(index), f"{table} line {lineno}"
+                if problem:
+                    yield error_record("bad_line", key, where, f"{problem}: {record[:200]!r}")
+                    continue
+                try:
+                    values = fields(record)
+                except UnicodeDecodeError as e:
+                    yield error_record("bad_line", key, where, f"invalid UTF-8: {e}")
+                    continue
+                except csv.Error as e:
+                    yield error_record("bad_line", key, where, f"{e}: {record[:200]!r}")
+                    continue
+                if len(values) != len(columns):
+                    detail = f"expected {len(columns)} fields, got {len(values)}: {record[:200]!r}"
+                    yield error_record("bad_line", key, where, detail)
+                    continue
+                yield Row(key, where, values[path_at], values[caption_at])
 
     return rows()
 
@@ -480,7 +506,7 @@ def convert_generic(cfg: ExperimentConfig) -> ConversionStats:
     """Convert the table of ``data_prep.generic`` into shards; see the module docstring."""
     table, image_dir = resolve_inputs(cfg)
     g = cfg.data_prep.generic
-    rows = iter_rows(table, g.path_column, g.caption_column)
+    rows = iter_rows(table, g.path_column, g.caption_column, g.csv_multiline)
     stats = ConversionStats("generic", cfg.data_prep.out_dir, cfg.data_prep.prefix)
 
     def make_sample(row: Row) -> tuple[dict[str, Any], bool]:

@@ -3,8 +3,9 @@
     python -m pipelines.demo --config configs/demo.yaml [--seeds 0 1 2] [key=value ...]
     make demo            make demo SEEDS="0 1 2"
 
-Per seed, every stage of :mod:`regionclip.stages.demo`'s plan runs in this process through its
-entry point's ``main`` (mapped below) and skips itself when its outputs match its config, so a
+Per seed, every stage of :mod:`regionclip.stages.demo`'s plan (the Detectron2 transfer only when
+Detectron2 is importable) runs in this process through its entry point's ``main`` (mapped below)
+and skips itself when its outputs match its config, so a
 re-run is cheap and an interrupted demo resumes. ``key=value`` overrides reach every stage except
 ``pretrain.*`` (the student only); ``--teacher-set key=value`` changes the teacher run. One seed
 writes to ``output_dir``; several to ``<output_dir>/seed<N>`` each, sharing one EmojiWorld, with
@@ -16,13 +17,14 @@ the mean ± std in ``<output_dir>``: ``results.json``, ``RESULTS.md``, ``pseudol
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import pretrain
 from data_prep import emojiworld
-from pipelines import concepts, eval, pseudolabel, rpn, transfer
+from pipelines import concepts, detectron2_train, eval, export_detectron2, pseudolabel, rpn, transfer
 from regionclip.cli import config_from_argv
 from regionclip.errors import ConfigError
 from regionclip.stages.demo import run_demo, split_seeds
@@ -35,6 +37,13 @@ ENTRY_POINTS = {
         for m in (rpn, concepts, pseudolabel, eval, transfer)
     },
 }
+if importlib.util.find_spec("detectron2") is not None:  # the Detectron2 transfer of the student
+    ENTRY_POINTS.update(
+        {
+            m.__name__.rsplit(".", 1)[1]: (m.main, f"python -m {m.__name__}")
+            for m in (export_detectron2, detectron2_train)
+        }
+    )
 
 
 def _flags(parser: argparse.ArgumentParser) -> None:

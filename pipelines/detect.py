@@ -39,7 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default="", help="open_clip tag or weights file for a named model")
     p.add_argument("--rpn", required=True, metavar="DIR", help="RPN folder written by `make rpn`")
     vocab = p.add_mutually_exclusive_group(required=True)
-    vocab.add_argument("--prompt", help="class names separated by '.', e.g. 'person. bicycle.'")
+    vocab.add_argument(
+        "--prompt",
+        help="class names separated by '.', e.g. 'person. bicycle.'; '\\.' is a dot in a name: 'st\\. bernard.'",
+    )
     vocab.add_argument("--vocab", metavar="FILE", help="class names, one per line")
     p.add_argument("--out", default="detections", metavar="DIR", help="output folder (default: %(default)s)")
     for flag, default, text in NUMBER_FLAGS:

@@ -65,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "embeddings" in summary
         else ""
     )
+    if summary["skipped"]:
+        print(f"export: {summary['out']} already holds this export; skipping")
+        return 0
     print(
         f"export: {summary['weights_id']} -> {summary['out']} ({summary['tensors']} tensors, "
         f"{summary['batchnorms']} BatchNorms with statistics); architecture -> {summary['arch']}{extra}"

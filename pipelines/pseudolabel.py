@@ -70,6 +70,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    if total["shards_busy"]:
+        print(
+            f"pseudolabel: {total['shards_busy']} shard(s) were being labelled by another process on "
+            "the same folder and were left to it; re-run after it ends to reuse or finish them",
+            file=sys.stderr,
+        )
     return 0
 
 

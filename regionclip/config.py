@@ -87,6 +87,9 @@ class GenericSourceConfig:
     table: str = ""  # empty = <image_dir>/captions.jsonl
     path_column: str = "path"
     caption_column: str = "caption"
+    # CSV only: quoted fields may span lines. Off, a line with an unbalanced quote is one bad row;
+    # on, it takes the lines up to the next unbalanced quote with it
+    csv_multiline: bool = False
 
 
 @dataclass
@@ -147,6 +150,7 @@ class ConceptsConfig:
     templates: str = "ensemble"  # ensemble ('{}.' + 80 ImageNet templates) | single
     text_batch_size: int = 256
     categories_json: str = ""  # [{id, name, ...}]: report the share of caption-mentioned names in the pool
+    seed: int = "${seed}"  # type: ignore[assignment]  # a random-init teacher: the one pseudolabel builds
 
 
 @dataclass
@@ -311,6 +315,9 @@ class TransferConfig:
     proposals: str = "frozen"  # frozen: the RPN in rpn_dir, as RegionCLIP | trainable: an RPN head on C4
     rpn_dir: str = "${rpn.out_dir}"
     max_proposals: int = 0  # frozen RPN: keep the top-k by objectness per image (0 = all it returns)
+    # frozen RPN, test time: score = sqrt(class score * objectness) (RegionCLIP's MULTIPLY_RPN_SCORE,
+    # which it sets for LVIS and zero-shot inference on RPN boxes)
+    multiply_rpn_score: bool = False
     # also evaluate with the val boxes themselves as proposals (frozen proposals only; skipped with a
     # warning otherwise): AP50 with
     # perfect localisation, which tells recognition errors from proposal errors
@@ -350,6 +357,10 @@ class TransferConfig:
     nms_thresh: float = 0.5
     detections_per_image: int = 100
     eval_batch_size: int = 8
+    # `make demo` only: a Detectron2 config (configs/detectron2/...) giving the architecture of the
+    # Detectron2 route; the demo runs it on the student when Detectron2 is importable, with this
+    # section's recipe and every path (weights, RPN, datasets, output). Empty = no Detectron2 stage.
+    detectron2_config: str = ""
 
 
 @dataclass
@@ -476,12 +487,49 @@ def load_config(
             override = OmegaConf.create()
             OmegaConf.update(override, key.strip(), "", force_add=True)
         conf = _merge(conf, override, f"override '{item}'")
+    source = path or "(defaults + overrides)"
     try:
-        return OmegaConf.to_object(conf)  # resolves ${...} interpolations
+        cfg = OmegaConf.to_object(conf)  # resolves ${...} interpolations
     except OmegaConfBaseException as e:
-        source = path or "(defaults + overrides)"
         key = getattr(e, "full_key", "?")
         raise ConfigError(f"config {source}: key '{key}': {str(e).splitlines()[0]}") from None
+    if isinstance(cfg, ExperimentConfig):
+        check_values(cfg, str(source))
+    return cfg
+
+
+# Settings that must be positive: zero would fail mid-run (a division by a temperature, a shard
+# writer that holds no sample) or quietly do nothing (an empty batch).
+POSITIVE_KEYS = (
+    "shards.maxcount", "shards.maxsize", "concepts.batch_size", "concepts.text_batch_size",
+    "rpn.batch_size", "rpn.batch_size_per_image", "rpn.eval_batch_size",
+    "pseudolabel.temperature", "pseudolabel.short_side", "pseudolabel.max_side", "pseudolabel.batch_size",
+    "transfer.test_short_side", "transfer.max_side", "transfer.batch_size_per_image", "transfer.temperature",
+    "transfer.batch_size", "transfer.eval_batch_size",
+    "pretrain.image_text_temperature", "pretrain.distill_temperature", "pretrain.contrastive_temperature",
+    "pretrain.teacher_temperature", "pretrain.batch_size", "pretrain.grad_accum", "pretrain.short_side",
+    "pretrain.max_side", "eval.short_side", "eval.max_side", "eval.batch_size", "eval.temperature",
+)  # fmt: skip
+
+
+def check_values(cfg: ExperimentConfig, source: str) -> None:
+    """Refuse values no stage can run with, before any stage starts.
+
+    Raises:
+        ConfigError: naming the key, the value and ``source``.
+    """
+    for key in POSITIVE_KEYS:
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if not value > 0:
+            raise ConfigError(f"config {source}: key '{key}': must be > 0, got {value}")
+    from regionclip.labeling.modes import MODES  # the registry imports this module's sections
+
+    if cfg.pseudolabel.mode not in MODES:
+        raise ConfigError(
+            f"config {source}: key 'pseudolabel.mode': {cfg.pseudolabel.mode!r} is not one of {tuple(MODES)}"
+        )
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

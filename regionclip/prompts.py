@@ -6,6 +6,8 @@ templates, and averages the un-normalised text embeddings.
 
 from __future__ import annotations
 
+import re
+
 # The 80 templates OpenAI used for ImageNet zero-shot classification (CLIP paper, notebook
 # "Prompt_Engineering_for_ImageNet"), in their original order.
 OPENAI_IMAGENET_TEMPLATES: tuple[str, ...] = (
@@ -118,15 +120,16 @@ def fill(template: str, name: str) -> str:
 def parse_prompt(prompt: str) -> list[str]:
     """Split a GLIP-style prompt into class names: ``"person. bicycle. red umbrella."``.
 
-    Names are separated by dots; whitespace is collapsed, empty names dropped and duplicates
-    (case-sensitive, after whitespace clean-up) removed keeping the first.
+    Names are separated by dots; ``\\.`` is a dot inside a name (``"st\\. bernard. dog."``).
+    Whitespace is collapsed, empty names dropped and duplicates (case-sensitive, after whitespace
+    clean-up) removed keeping the first.
 
     Raises:
         ValueError: the prompt holds no name.
     """
     names: list[str] = []
-    for part in prompt.split("."):
-        name = " ".join(part.split())
+    for part in re.split(r"(?<!\\)\.", prompt):
+        name = " ".join(part.replace("\\.", ".").split())
         if name and name not in names:
             names.append(name)
     if not names:

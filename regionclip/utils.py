@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,41 @@ def apply_umask(path: str | os.PathLike) -> None:
             os.chmod(os.path.join(root, f), 0o666 & ~mask)
 
 
+def temp_path(path: str | os.PathLike) -> Path:
+    """The temporary name a write of ``path`` uses: hidden, beside it, and owned by this process
+    (host and pid in the name), so that no other run takes it for a stale leftover."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def is_stale_temp(temp: str | os.PathLike) -> bool:
+    """Whether a :func:`temp_path` file was left by a process of this host that no longer runs.
+    Temps of other hosts (a shared file system) and of live processes are never stale."""
+    host, _, pid = Path(temp).name.rpartition(".tmp-")[2].rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def require_writable(folder: str | os.PathLike, key: str, error: type[Exception] = InputError) -> None:
+    """Create ``folder`` and write a probe file in it now, so that a folder the run cannot write
+    fails at the start with one line naming the config ``key``, not hours later at the first save."""
+    folder = Path(folder)
+    probe = temp_path(folder / ".write-probe")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise error(f"{key}={folder}: cannot write there ({e.strerror})") from None
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one step.
@@ -84,7 +120,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     try:
         yield tmp
         apply_umask(tmp)
@@ -109,13 +145,24 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
 
 
+def parse_json(data: bytes | str) -> Any:
+    """``json.loads`` that fails with ValueError only, also on hostile input: bytes that are not
+    UTF-8, nesting deep enough for a RecursionError, an integer over Python's digit limit."""
+    try:
+        return json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def read_json(path: str | os.PathLike, what: str = "JSON file", error: type[ValueError] = InputError) -> Any:
     """Parsed JSON of ``path``; unreadable or invalid files raise ``error`` naming the file."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return parse_json(Path(path).read_bytes())
     except OSError as e:
         raise error(f"cannot read {what} {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise error(f"{path}: not UTF-8 text: {e}") from None
     except json.JSONDecodeError as e:
         raise error(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except ValueError as e:
+        raise error(f"{path}: invalid JSON: {e}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -55,6 +56,9 @@ TINY_DEMO_STAGES = [
     "data", "teacher", "rpn", "concepts", "pseudolabel", "pseudolabel_caption", "student", "control",
     "eval_teacher", "eval_control", "eval_student", "transfer_clip", "transfer_control", "transfer_regionclip",
 ]  # fmt: skip
+# with Detectron2 installed (CI), the demo also runs its route on the student
+if importlib.util.find_spec("detectron2") is not None:
+    TINY_DEMO_STAGES += ["detectron2_export", "detectron2_regionclip"]
 
 
 @pytest.fixture

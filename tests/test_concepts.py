@@ -254,6 +254,33 @@ def test_stage_on_shards(tmp_path, tiny_clip, parser):
     assert emb.shape == (2, 64) and names == ["cat", "dog"]
 
 
+def test_a_random_init_teacher_embeds_the_same_on_every_run_as_pseudolabel_builds_it(
+    tmp_path, tiny_clip, parser
+):
+    from regionclip.models.loading import load_clip
+
+    cfg = stage_config(tmp_path, tiny_clip, _shards(tmp_path))
+    first = build_concepts(cfg)["teacher"]["weights_id"]
+    emb_file = tmp_path / "concepts" / "concept_embeddings.safetensors"
+    before_emb, before_names, before_meta = load_embeddings(emb_file)
+    torch.manual_seed(123)  # whatever the global RNG holds before the stage
+    assert build_concepts(cfg, force=True)["teacher"]["weights_id"] == first
+    after_emb, after_names, after_meta = load_embeddings(emb_file)
+    # safetensors orders metadata keys at random, so the tensors and the metadata are compared
+    assert torch.equal(after_emb, before_emb) and after_names == before_names and after_meta == before_meta
+    torch.manual_seed(cfg.pseudolabel.seed)  # what the pseudo-labeler does before loading the teacher
+    assert load_clip(cfg.teacher).weights_id == first
+
+
+def test_stage_refuses_a_pool_from_part_of_the_shards(tmp_path, tiny_clip, parser):
+    urls = _shards(tmp_path)
+    (tmp_path / "shards" / "train-000001.tar").unlink()
+    with pytest.raises(
+        ValueError, match=r"concepts.captions: 1 shard\(s\) could not be read: .*train-000001.tar"
+    ):
+        build_concepts(stage_config(tmp_path, tiny_clip, urls))
+
+
 def test_stage_fails_clearly_when_nothing_passes(tmp_path, tiny_clip, parser):
     path = tmp_path / "captions.txt"
     path.write_text("a dog\na cat\n", encoding="utf-8")

@@ -299,14 +299,33 @@ def test_generic_csv_bad_lines(folder, tmp_path):
     table = tmp_path / "t.csv"
     lines = [b"path,caption", b"a.jpg,one", b"b.png,two,three", b"sub/c.jpg", b"d.bmp,\xff not utf-8"]
     table.write_bytes(b"\n".join(lines) + b'\nb.png,"two\nlines"\n')
+    stats = convert_generic(generic_cfg(folder, table, csv_multiline="true"))
+    samples = read_shards(folder["out"])
+    # keys are record numbers, bad records included: the quoted two-line caption is record 4
+    assert [(s["__key__"], s["caption"]) for s in samples] == [
+        ("000000000", "one"),
+        ("000000004", "two\nlines"),
+    ]
+    assert dict(stats.errors.counts) == {"bad_line": 3}
+    assert sorted(r["url"] for r in stats.skipped) == [f"{table} line {n}" for n in (3, 4, 5)]
+    assert sorted(r["key"] for r in stats.skipped) == ["000000001", "000000002", "000000003"]
+
+
+def test_generic_csv_unterminated_quote_costs_its_own_line_only(folder, tmp_path):
+    table = tmp_path / "t.csv"
+    table.write_bytes(b'path,caption\na.jpg,"one\nb.png,two\nsub/c.jpg,"three, quoted"\n')
     stats = convert_generic(generic_cfg(folder, table))
     samples = read_shards(folder["out"])
     assert [(s["__key__"], s["caption"]) for s in samples] == [
-        ("000000000", "one"),
-        ("000000002", "two\nlines"),
+        ("000000001", "two"),
+        ("000000002", "three, quoted"),
     ]
-    assert dict(stats.errors.counts) == {"bad_line": 3}
-    assert sorted(r["url"] for r in stats.skipped) == [f"{table} line 3", f"{table} line 4", f"{table} row 1"]
+    (bad,) = stats.skipped
+    assert (
+        bad["key"] == "000000000"
+        and bad["url"] == f"{table} line 2"
+        and "unterminated quote" in bad["detail"]
+    )
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])

@@ -39,13 +39,15 @@ def test_plan_of_one_seed_of_several(tmp_path: Path, tiny_demo_stages):
         ["pretrain.lr=0.5"],
         seed=1,
         several=True,
+        detectron2="detectron2_regionclip" in tiny_demo_stages,
     )
     assert [s.name for s in plan.stages] == tiny_demo_stages
     assert plan.out_dir == tmp_path / "seed1" and plan.cfg.seed == 1
     stages = {s.name: s for s in plan.stages}
     teacher_final = str(tmp_path / "seed1" / "teacher" / "final")
     student_final = str(tmp_path / "seed1" / "student" / "final")
-    for stage in plan.stages:
+    # the Detectron2 stages take Detectron2's arguments (their own test below)
+    for stage in (s for s in plan.stages if not s.name.startswith("detectron2_")):
         assert _value(stage.argv, "seed") == "1"
         assert _value(stage.argv, "output_dir") == str(tmp_path / "seed1")
         assert _value(stage.argv, "emojiworld.out_dir") == str(tmp_path / "emojiworld")  # shared by seeds
@@ -101,6 +103,56 @@ def test_one_seed_runs_in_the_output_dir_and_caption_mode_measures_pool(tmp_path
     assert _value(plan.stages[0].argv, "emojiworld.out_dir") is None
     assert plan.stages[5].name == "pseudolabel_pool"
     assert plan.files["mode"] == "caption" and plan.files["other_mode"] == "pool"
+
+
+def test_detectron2_stages_export_the_student_and_train_on_this_configs_paths(tmp_path: Path):
+    overrides = [f"output_dir={tmp_path}", "transfer.detectron2_config=configs/detectron2/EmojiWorld-C4.yaml"]
+    without = plan_seed(
+        "configs/tiny.yaml", "configs/tiny-teacher.yaml", overrides, [], seed=3, several=False
+    )
+    assert not any(s.name.startswith("detectron2") for s in without.stages)  # Detectron2 not importable
+    assert "detectron2_metrics" not in without.files
+    plan = plan_seed(
+        "configs/tiny.yaml",
+        "configs/tiny-teacher.yaml",
+        overrides,
+        [],
+        seed=3,
+        several=False,
+        detectron2=True,
+    )
+    export, train = plan.stages[-2:]
+    assert (export.name, export.entry, train.name, train.entry) == (
+        "detectron2_export", "export_detectron2", "detectron2_regionclip", "detectron2_train"
+    )  # fmt: skip
+    d2 = tmp_path / "detectron2"
+    assert export.argv == [
+        "--student", str(tmp_path / "student" / "final"), "--out", str(d2 / "student.pth"),
+        "--class-json", plan.cfg.transfer.val_json,
+    ]  # fmt: skip
+    assert train.argv[:3] == ["--config-file", "configs/detectron2/EmojiWorld-C4.yaml", "--resume"]
+    opts = dict(zip(train.argv[3::2], train.argv[4::2], strict=True))
+    assert opts["MODEL.WEIGHTS"] == str(d2 / "student.pth")
+    assert opts["MODEL.CLIP.TEXT_EMB_PATH"] == str(d2 / "student.class_embeddings.safetensors")
+    assert opts["MODEL.CLIP.OPENCLIP_MODEL_CONFIG"] == str(d2 / "student.open_clip.json")
+    assert opts["MODEL.CLIP.RPN_DIR"] == plan.cfg.rpn.out_dir and opts["SEED"] == "3"
+    assert eval(opts["DATASETS.REGISTER_COCO"]) == [
+        ["demo_det_train", plan.cfg.data.det_train_json, plan.cfg.data.image_root],
+        ["demo_val", plan.cfg.data.val_json, plan.cfg.data.image_root],
+    ]
+    assert plan.files["detectron2_metrics"] == str(
+        d2 / "regionclip" / "inference" / "demo_val" / "metrics.json"
+    )
+    # the transfer section's recipe (tiny: 3 steps x 4 images at 64 px; demo.yaml's lr, RoIs, scores)
+    recipe = {
+        "SOLVER.MAX_ITER": "3", "SOLVER.IMS_PER_BATCH": "4", "SOLVER.BASE_LR": "0.001",
+        "SOLVER.WARMUP_ITERS": "10", "SOLVER.STEPS": "(2,)",  # int(3 x 0.667) = int(3 x 0.889) = 2: once
+        "INPUT.MIN_SIZE_TRAIN": "(64,)", "INPUT.MAX_SIZE_TRAIN": "64", "INPUT.MIN_SIZE_TEST": "64",
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": "16", "MODEL.CLIP.MAX_PROPOSALS": "30",
+        "MODEL.CLIP.CLSS_TEMP": "0.2", "MODEL.CLIP.MULTIPLY_RPN_SCORE": "True",
+        "MODEL.ROI_HEADS.NUM_CLASSES": "0", "MODEL.ROI_HEADS.IOU_THRESHOLDS": "[0.5]",
+    }  # fmt: skip
+    assert {k: opts[k] for k in recipe} == recipe
 
 
 def test_split_seeds_leaves_overrides_alone():
@@ -258,6 +310,12 @@ def test_results_from_stage_outputs(tmp_path: Path, monkeypatch):
     assert r["concepts"]["category_recall"] == 0.75
     assert r["seconds_per_stage"] == {"a": 1.5, "b": 2.0, "total": 3.5}
     assert r["skipped_stages"] == ["a"]
+    assert r["ovd_ap50"]["detectron2_student_init"] == {"all": None, "base": None, "novel": None}  # no stage
+    files["detectron2_metrics"] = write(
+        tmp_path / "d2.json", {"AP50_all": 0.3, "AP50_base": 0.4, "AP50_novel": 0.1}
+    )
+    r = build_results(plan, {}, [])
+    assert r["ovd_ap50"]["detectron2_student_init"] == {"all": 0.3, "base": 0.4, "novel": 0.1}
     (tmp_path / "rc" / "metrics.json").unlink()
     with pytest.raises(ValueError, match="rc/metrics.json.*did its stage run"):
         build_results(plan, {}, [])

@@ -134,6 +134,23 @@ def test_export_is_a_plain_tensor_dict_with_every_batchnorm_statistic(world: dic
     assert len(names) == 16  # every category of val.json (12 base + 4 novel)
 
 
+def test_an_export_of_the_same_inputs_is_skipped_and_new_inputs_export_again(
+    world: dict, tmp_path: Path, capsys
+):
+    ew = world["ew"]
+    out = tmp_path / "student.pth"
+    argv = ["--student", str(world["root"] / "student"), "--out", str(out), "--class-json", str(ew / "val.json"),
+            "--templates", "single"]  # fmt: skip
+    assert export_cli.main(argv) == 0
+    written = out.stat().st_mtime_ns
+    capsys.readouterr()
+    assert export_cli.main(argv) == 0
+    assert "already holds this export; skipping" in capsys.readouterr().out
+    assert out.stat().st_mtime_ns == written
+    assert export_cli.main([*argv[:-1], "ensemble"]) == 0  # other templates: other embeddings
+    assert "skipping" not in capsys.readouterr().out
+
+
 def test_checkpoint_loads_without_missing_backbone_keys_and_keeps_bn_statistics(world: dict, tmp_path: Path):
     _, model = _model(world, tmp_path)
     missing, unexpected = _load(model, world["ckpt"])
@@ -235,6 +252,17 @@ def test_train_and_test_vocabularies(world: dict, tmp_path: Path):
     assert (scores[:, -1] == 0).all()  # background logit fixed at 0
     predictor.set_test_embeddings(torch.randn(3, 128))
     assert predictor(x)[0].shape == (5, 4)
+
+
+def test_multiply_rpn_score_takes_the_geometric_mean_with_objectness(world: dict, tmp_path: Path):
+    proposals = Instances((64, 64), proposal_boxes=Boxes(torch.zeros(1, 4)))
+    proposals.objectness_logits = torch.logit(torch.tensor([0.25]))
+    # log-probabilities: the softmax gives back 0.64, 0.16 and 0.2 (background)
+    predictions = (torch.tensor([[0.64, 0.16, 0.2]]).log(), torch.zeros(1, 4))
+    for flag, expected in (("True", [0.4, 0.2, 0.2]), ("False", [0.64, 0.16, 0.2])):
+        _, model = _model(world, tmp_path, **{"MODEL.CLIP.MULTIPLY_RPN_SCORE": flag})
+        (probs,) = model.roi_heads.box_predictor.predict_probs(predictions, [proposals])
+        assert probs[0].tolist() == pytest.approx(expected)  # sqrt(0.64 * 0.25), sqrt(0.16 * 0.25)
 
 
 def test_class_count_and_dimension_mismatches_are_named(world: dict, tmp_path: Path):

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from pipelines import rpn as rpn_pipeline
 from regionclip.config import load_config
 from regionclip.data.coco import category_splits
-from regionclip.data.detection import load_rgb
+from regionclip.data.images import load_rgb
 from regionclip.errors import ProposalError
 from regionclip.evaluation.recall import evaluate_recall, recalled
 from regionclip.labeling.proposals import (

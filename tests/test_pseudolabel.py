@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ from PIL import Image
 
 from pipelines import pseudolabel as stage
 from pipelines import visualize
-from regionclip.data.pseudo_labels import iter_pseudo_labels, manifest_path
+from regionclip.data.pseudo_labels import iter_pseudo_labels, manifest_path, output_name
 from regionclip.data.shards import ShardWriter, encode_image, image_text_sample
 from regionclip.evaluation.label_precision import label_precision
 from regionclip.labeling.assignment import assign_concepts, sample_generator
@@ -87,6 +89,25 @@ def test_log_space_at_temperature_001():
     near = torch.tensor([[1.0, 0.0], [0.99, math.sqrt(1 - 0.99**2)]])
     out = assign_concepts(torch.tensor([[1.0, 0.0]]), near, temperature=0.01)
     assert out["score"].item() == pytest.approx(1 / (1 + math.exp(-1)), abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("url", "name"),
+    [
+        ("pipe:aws s3 cp s3://b/train-000001.tar -", "train-000001.tar"),
+        ("pipe:cat a.tar | zcat", "a.tar"),
+        ("pipe:cat /d/a.tar.gz | zcat", "a.tar"),
+        ("/x/y/pretrain-000003.tar", "pretrain-000003.tar"),
+        ("https://h/p/s-1.tar?token=3", "s-1.tar"),
+    ],
+)
+def test_output_names_of_input_urls(url, name):
+    assert output_name(url) == name
+
+
+def test_a_pipe_command_without_a_tar_name_is_refused():
+    with pytest.raises(ValueError, match="names no .tar file"):
+        output_name("pipe:curl -s http://host/shard")
 
 
 def test_sample_generator_depends_on_key_only():
@@ -215,9 +236,13 @@ def test_resume_recomputes_only_missing_shard(world: dict, first_run: Path, tmp_
     for name, data in _outputs(first_run).items():
         (out / name).write_bytes(data)
     (out / "train-000001.tar").unlink()
-    # a killed run: shard 2 has a temp file and no manifest yet
+    # a killed run: shard 2 has a temp file (of a process of this host that has ended) and no
+    # manifest yet
     (out / "train-000002.manifest.json").unlink()
-    (out / ".train-000002.tar.tmp").write_bytes(b"half a tar")
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    (out / f".train-000002.tar.tmp-{socket.gethostname()}-{ended.stdout.strip()}").write_bytes(b"half a tar")
     labelled = []
     real = pl.label_shard
     monkeypatch.setattr(
@@ -380,3 +405,119 @@ def test_bf16_hard_labels_agree_with_fp32(world: dict, tmp_path: Path):
     hard32 = np.concatenate([a.concept for a, _ in pairs])
     hard16 = np.concatenate([b.concept for _, b in pairs])
     assert len(hard32) > 50 and (hard32 == hard16).mean() >= 0.98
+
+
+# --------------------------------------------------------------------------------------------
+# Damaged inputs and outputs, failures and a second process on the same folder
+# --------------------------------------------------------------------------------------------
+
+
+def _copy_inputs(world: dict, dst: Path) -> str:
+    shutil.copytree(world["root"] / "in", dst)
+    return "pseudolabel.input_shards=" + str(dst / "train-{000000..000002}.tar")
+
+
+def test_a_cut_input_shard_is_not_marked_done_and_the_others_are(world: dict, tmp_path: Path, capsys):
+    shards = _copy_inputs(world, tmp_path / "in")
+    cut = tmp_path / "in" / "train-000001.tar"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    out = tmp_path / "out"
+    assert _run(world, out, shards) == 1
+    assert "could not be read to the end" in capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("train-*")) == [
+        f"train-{i:06d}{ext}" for i in (0, 2) for ext in (".manifest.json", ".tar")
+    ]
+
+
+def test_a_finished_shard_with_one_byte_changed_is_labelled_again(
+    world: dict, first_run: Path, tmp_path: Path, monkeypatch
+):
+    out = tmp_path / "out"
+    shutil.copytree(first_run, out)
+    shard = out / "train-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # same size: only the content hash can tell
+    shard.write_bytes(bytes(data))
+    labelled = []
+    real = pl.label_shard
+    monkeypatch.setattr(
+        pl, "label_shard", lambda lab, url, *a, **k: labelled.append(url) or real(lab, url, *a, **k)
+    )
+    assert _run(world, out) == 0
+    assert [Path(u).name for u in labelled] == ["train-000000.tar"]
+    assert shard.read_bytes() == (first_run / "train-000000.tar").read_bytes()
+
+
+def test_a_shard_whose_labelling_fails_costs_that_shard_only(
+    world: dict, tmp_path: Path, monkeypatch, capsys
+):
+    real = pl.PseudoLabeler.label_batch
+
+    def fails_on_shard_0(self, inputs):
+        if any(i.key.startswith("s0") for i in inputs):
+            raise RuntimeError("teacher exploded")
+        return real(self, inputs)
+
+    monkeypatch.setattr(pl.PseudoLabeler, "label_batch", fails_on_shard_0)
+    out = tmp_path / "out"
+    assert _run(world, out) == 1
+    assert "labelling stopped: RuntimeError: teacher exploded" in capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("train-*.tar")) == ["train-000001.tar", "train-000002.tar"]
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_a_shard_another_process_is_labelling_is_left_to_it(world: dict, tmp_path: Path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        live = out / f".train-000001.tar.tmp-{socket.gethostname()}-{other.pid}"  # a live process's temp
+        live.write_bytes(b"being written")
+        with pl.shard_lock(out / "train-000000.tar") as mine:  # flock: another open file is another holder
+            assert mine
+            assert _run(world, out) == 0
+        assert "being labelled by another process" in capsys.readouterr().err
+        assert sorted(p.name for p in out.glob("train-*.tar")) == ["train-000001.tar", "train-000002.tar"]
+        assert live.read_bytes() == b"being written"  # not taken for a killed run's leftover
+    finally:
+        other.kill()
+        other.wait()
+    assert not list(out.glob(".*.lock"))  # each holder removed its lock file
+    assert _run(world, out) == 0  # the lock is free again: shard 0 now
+    assert (out / "train-000000.tar").is_file()
+
+
+def test_a_very_thin_image_is_labelled_and_a_huge_one_skipped(world: dict, tmp_path: Path):
+    thin = Image.fromarray(np.random.default_rng(1).integers(0, 255, (1, 4000, 3), dtype=np.uint8))
+    huge = Image.new("L", (7000, 6000))  # 42 megapixels: over the limit, under Pillow's own
+    with ShardWriter(tmp_path / "in", "odd", maxcount=8) as writer:
+        writer.write(image_text_sample("thin", encode_image(thin, "png"), "png", "a long rope", {}))
+        writer.write(image_text_sample("huge", encode_image(huge, "png"), "png", "a dark room", {}))
+    out = tmp_path / "out"
+    assert _run(world, out, f"pseudolabel.input_shards={tmp_path / 'in' / 'odd-000000.tar'}") == 0
+    manifest = json.loads(manifest_path(out / "odd-000000.tar").read_text())
+    assert manifest["counts"]["images"] == 1 and manifest["skipped"] == {"bad_image": 1}
+    (sample,) = iter_pseudo_labels(str(out / "odd-000000.tar"))
+    assert sample.key == "thin" and (sample.width, sample.height) == (4000, 1)
+    assert (sample.boxes[:, 3] <= 1 + 1e-3).all()  # inside the one row of pixels
+
+
+def test_values_no_stage_can_run_with_are_usage_errors(world: dict, tmp_path: Path, capsys):
+    for bad in (
+        "pseudolabel.temperature=0",
+        "pseudolabel.batch_size=0",
+        "shards.maxcount=0",
+        "pseudolabel.mode=bogus",
+    ):
+        with pytest.raises(SystemExit) as e:
+            _run(world, tmp_path / "out", bad)
+        assert e.value.code == 2
+        assert bad.split("=")[0] in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_an_output_folder_that_cannot_be_written_fails_first(world: dict, tmp_path: Path, capsys):
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the folder should be")
+    assert _run(world, blocked / "out") == 1
+    assert f"pseudolabel.out_dir={blocked / 'out'}: cannot write there" in capsys.readouterr().err

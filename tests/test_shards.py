@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 from pathlib import Path
 
@@ -105,7 +106,7 @@ def test_identical_bytes_when_written_twice(tmp_path):
 
 def test_writer_refuses_bad_keys(tmp_path):
     with ShardWriter(tmp_path, "x") as w:
-        for key in ("a.b", "", "__x", "a/b"):
+        for key in ("a.b", "", "__x", "d/__x", "/a", "a//b", "a/"):  # "a/b" (a folder) is a fine key
             with pytest.raises(ValueError, match="invalid sample key"):
                 w.write({"__key__": key, "txt": "t"})
     assert list(tmp_path.iterdir()) == []  # nothing was opened
@@ -328,3 +329,76 @@ def test_sample_errors_summary_merge_and_report():
         "    v.tar: gone",
     ]
     assert SampleErrors().summary() == "no bad samples"
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile and damaged shards
+# --------------------------------------------------------------------------------------------
+
+
+def test_every_cut_of_a_shard_is_reported_or_loses_nothing(tmp_path):
+    """A shard cut anywhere (also inside a header or at a member boundary) is either reported as
+    unreadable or still holds every sample; never a quietly short shard."""
+    (path,) = write_shards(tmp_path / "src", 16, maxcount=16)
+    data = Path(path).read_bytes()
+    quiet_losses, reported = [], 0
+    for cut in range(0, len(data), 37):
+        shard = tmp_path / "cut.tar"
+        shard.write_bytes(data[:cut])
+        samples, errors = read_all(str(shard))
+        if errors.unreadable_shards:
+            reported += 1
+        elif len(samples) < 16:
+            quiet_losses.append((cut, len(samples)))
+    assert quiet_losses == []
+    assert reported > 0.9 * (len(data) // 37)  # only cuts inside the end-of-archive padding read whole
+
+
+def test_keys_with_folders_are_read_and_reserved_or_non_utf8_names_counted(tmp_path):
+    ok = jpeg()
+    shard = write_tar(
+        tmp_path / "k.tar",
+        [("dir/a.jpg", ok), ("dir/a.txt", b"one"), ("__meta__.jpg", ok), ("__meta__.txt", b"x"),
+         ("b\udcff.jpg", ok), ("b\udcff.txt", b"two"), ("c.jpg", ok), ("c.txt", b"three")],
+    )  # fmt: skip
+    samples, errors = read_all(shard)
+    assert keys(samples) == ["dir/a", "c"]
+    assert errors.counts == {"bad_key": 2}
+    assert sorted(ex["detail"] for ex in errors.examples["bad_key"]) == [
+        "names starting with '__' are reserved for webdataset's own fields",
+        "the member name is not UTF-8",
+    ]
+
+
+def test_a_key_seen_again_later_in_the_shard_is_counted_and_the_first_kept(tmp_path):
+    ok = jpeg()
+    shard = write_tar(
+        tmp_path / "dup.tar",
+        [("a.jpg", ok), ("a.txt", b"first"), ("b.jpg", ok), ("b.txt", b"b"), ("a.jpg", ok), ("a.txt", b"again")],
+    )  # fmt: skip
+    samples, errors = read_all(shard)
+    assert [(s["__key__"], s["caption"]) for s in samples] == [("a", "first"), ("b", "b")]
+    assert errors.counts == {"duplicate_key": 1} and error_keys(errors, "duplicate_key") == ["a"]
+
+
+@pytest.mark.parametrize("payload", [b"[" * 200_000, b'{"n": ' + b"9" * 5000 + b"}"])
+def test_hostile_json_is_one_bad_sample(tmp_path, payload):
+    ok = jpeg()
+    shard = write_tar(
+        tmp_path / "j.tar",
+        [("a.jpg", ok), ("a.txt", b"x"), ("a.json", payload), ("b.jpg", ok), ("b.txt", b"fine")],
+    )
+    samples, errors = read_all(shard)
+    assert keys(samples) == ["b"] and errors.counts == {"bad_json": 1}
+
+
+def test_writer_accepts_folder_keys_and_syncs_before_renaming(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    with ShardWriter(tmp_path, "f", maxcount=10) as w:
+        w.write(image_text_sample("sub/x", jpeg(), "jpg", "caption", {}))
+    assert synced  # the shard's data reached the disk before its final name appeared
+    samples, errors = read_all(str(tmp_path / "f-000000.tar"))
+    assert keys(samples) == ["sub/x"] and errors.counts == {}
+    assert not list(tmp_path.glob(".*tmp*"))

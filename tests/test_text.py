@@ -64,6 +64,7 @@ def test_fill_substitution():
         ("red   umbrella .\tdog\n.", ["red umbrella", "dog"]),  # inner whitespace collapsed
         ("dog. cat. dog. cat .bird", ["dog", "cat", "bird"]),  # duplicates: first kept
         ("dog", ["dog"]),
+        ("st\\. bernard. dog.", ["st. bernard", "dog"]),  # an escaped dot stays in the name
     ],
 )
 def test_parse_prompt(prompt, expected):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from pipelines import pseudolabel as pl_stage
 from regionclip.config import load_config
 from regionclip.data.pretrain_data import DataState, PretrainStream, decode_pseudo, make_loader, shard_at
 from regionclip.data.shards import ShardWriter, decode_image_text, encode_image, image_text_sample
-from regionclip.errors import TrainingError
+from regionclip.errors import InputError, TrainingError
 from regionclip.stages import pretrain as train_mod
 from regionclip.stages.inputs import pretrain_inputs
 from regionclip.text import save_embeddings
@@ -252,6 +253,21 @@ def test_kill_after_checkpoint_then_resume_continues_exactly(world, tmp_path, mo
     GradientState._reset_state()
     monkeypatch.setattr(train_mod, "compute_losses", real)
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint_3"]
+    # a resume under settings that change the trajectory is refused, naming the folder to delete
+    for changed in ("pretrain.lr=0.1", "pretrain.batch_size=2", "pretrain.optimizer=adamw"):
+        with pytest.raises(InputError, match=r"checkpoint_3 was written with a different pretrain config"):
+            train(_cfg(world, out, *common, changed))
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    # a truncated weights file: one line naming the checkpoint, not a traceback from deep inside
+    model_file = next((out / "checkpoints" / "checkpoint_3").glob("model*.safetensors"))
+    intact = model_file.read_bytes()
+    model_file.write_bytes(intact[: len(intact) // 2])
+    with pytest.raises(InputError, match=r"cannot resume from .*checkpoint_3: .*delete"):
+        train(_cfg(world, out, *common))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    model_file.write_bytes(intact)
     dump = tmp_path / "resumed.json"
     summary = train(_cfg(world, out, *common, f"pretrain.debug_dump={dump}"))
     assert summary["resumed_from"] == 3 and summary["steps"] == 6 and summary["images"] == 36
@@ -279,6 +295,21 @@ def test_nan_loss_stops_with_step_and_batch_keys(world, tmp_path, monkeypatch, c
         TrainingError, match=r"non-finite loss at step 2 .*distill=nan.*batch keys: \['s\d+x\d"
     ):
         train(_cfg(world, tmp_path / "nan"))
+
+
+def test_a_pseudo_label_shard_of_another_size_than_its_manifest_is_refused(world, tmp_path, capsys):
+    pl_dir = tmp_path / "pl"
+    shutil.copytree(world["root"] / "pl", pl_dir)
+    shard = pl_dir / "train-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:-1024])  # a cut inside the end-of-archive padding
+    argv = [
+        "--config",
+        world["config"],
+        f"pretrain.out_dir={tmp_path / 'out'}",
+        f"pseudolabel.out_dir={pl_dir}",
+    ]
+    assert pretrain.main(argv) == 1
+    assert f"{shard}: {shard.stat().st_size} bytes, but its manifest recorded" in capsys.readouterr().err
 
 
 def test_manifest_mismatch_is_refused(world, tmp_path, capsys):

@@ -160,6 +160,22 @@ def test_eval_mode_returns_at_most_the_per_image_limit(detector):
     assert out[0]["labels"].max() < 3 and (out[0]["scores"] > 0.001).all()
 
 
+def test_objectness_turns_class_scores_into_their_geometric_mean(detector):
+    detector.eval()
+    images = torch.randn(1, 3, 64, 64)
+    proposals = [torch.tensor([[0.0, 0.0, 32.0, 32.0], [16.0, 16.0, 60.0, 60.0]])]
+    with torch.no_grad():
+        plain = detector(images, [(64, 64)], proposals)[0]
+        certain = detector(images, [(64, 64)], proposals, objectness=[torch.ones(2)])[0]
+        rejected = detector(images, [(64, 64)], proposals, objectness=[torch.zeros(2)])[0]
+    # sqrt(score * 1) is monotonic: the same detections, scores square-rooted
+    n = min(len(plain["scores"]), len(certain["scores"]))
+    assert n > 0
+    top_plain = plain["scores"].sort(descending=True).values[:n]
+    assert torch.allclose(certain["scores"].sort(descending=True).values[:n], top_plain.sqrt(), atol=1e-6)
+    assert len(rejected["scores"]) == 0  # sqrt(score * 0) is below every threshold
+
+
 # --------------------------------------------------------------------------------------------
 # End to end on EmojiWorld `tiny`
 # --------------------------------------------------------------------------------------------
@@ -224,6 +240,23 @@ def test_resume_after_stop_gives_the_same_model(world: dict):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_an_evaluation_only_change_reuses_the_trained_detector(world: dict):
+    out = world["root"] / "transfer" / "clip"
+    if not (out / "model.safetensors").is_file():
+        assert transfer_pipeline.main(world["argv"]) == 0
+    model_time = (out / "model.safetensors").stat().st_mtime_ns
+    before = _metrics(out)
+    scores_before = [d["score"] for d in json.loads((out / "detections.json").read_text())]
+    # tiny.yaml inherits demo.yaml's multiply_rpn_score: true
+    assert transfer_pipeline.main([*world["argv"], "transfer.multiply_rpn_score=false"]) == 0
+    assert (out / "model.safetensors").stat().st_mtime_ns == model_time  # not trained again
+    after = _metrics(out)
+    assert after["train"] == before["train"] and after["run_hash"] != before["run_hash"]
+    scores_after = [d["score"] for d in json.loads((out / "detections.json").read_text())]
+    assert scores_after != scores_before  # evaluated again, without objectness in the scores
+    assert transfer_pipeline.main(world["argv"]) == 0  # and back, for the tests that follow
+
+
 def test_trainable_rpn_head_trains_and_evaluates(world: dict):
     argv = [*world["argv"], "transfer.tag=rpnhead", "transfer.proposals=trainable",
             "transfer.rpn_anchor_sizes=[16,32]", "transfer.rpn_post_nms_top_n_test=50", "transfer.steps=2"]  # fmt: skip
@@ -272,6 +305,16 @@ def test_missing_train_image_is_skipped_and_counted(world: dict, tmp_path: Path)
     assert _metrics(tmp_path / "run")["train"]["skipped"]["missing_image"] == 1
 
 
+def test_missing_or_truncated_init_weights_are_one_line(world: dict, tmp_path: Path, capsys):
+    argv = [*world["argv"], f"transfer.out_dir={tmp_path / 'run'}", "transfer.steps=1"]
+    assert transfer_pipeline.main([*argv, f"transfer.init.pretrained={tmp_path / 'nope.safetensors'}"]) == 1
+    assert "error: transfer.init: pretrained=" in capsys.readouterr().err
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # a header promised, never written
+    assert transfer_pipeline.main([*argv, f"transfer.init.pretrained={cut}"]) == 1
+    assert "error: transfer.init: " in capsys.readouterr().err
+
+
 def test_bad_vocabulary_files_are_refused(world: dict, tmp_path: Path, capsys):
     val = json.loads((world["root"] / "emojiworld" / "val.json").read_text())
     names = [c["name"] for c in val["categories"]]
@@ -288,10 +331,12 @@ def test_bad_vocabulary_files_are_refused(world: dict, tmp_path: Path, capsys):
 
 def test_frozen_rpn_boxes_are_cut_to_the_top_k_and_scaled():
     def rpn(keys, images):  # highest objectness first, original pixels
-        return [torch.tensor([[0.0, 0.0, 10.0, 10.0], [2.0, 2.0, 4.0, 8.0], [1.0, 1.0, 3.0, 3.0]])], [None]
+        boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [2.0, 2.0, 4.0, 8.0], [1.0, 1.0, 3.0, 3.0]])
+        return [boxes], [torch.tensor([0.9, 0.5, 0.1])]
 
     prep = Prepared(torch.zeros(3, 20, 20), torch.zeros(3, 10, 10), scale=2.0)
-    got = proposals_for(rpn, ["k"], [prep], 2, torch.device("cpu"))
-    assert torch.equal(got[0], torch.tensor([[0.0, 0.0, 20.0, 20.0], [4.0, 4.0, 8.0, 16.0]]))
-    assert len(proposals_for(rpn, ["k"], [prep], 0, torch.device("cpu"))[0]) == 3
-    assert proposals_for(None, ["k"], [prep], 2, torch.device("cpu")) is None
+    boxes, objectness = proposals_for(rpn, ["k"], [prep], 2, torch.device("cpu"))
+    assert torch.equal(boxes[0], torch.tensor([[0.0, 0.0, 20.0, 20.0], [4.0, 4.0, 8.0, 16.0]]))
+    assert objectness[0].tolist() == pytest.approx([0.9, 0.5])
+    assert len(proposals_for(rpn, ["k"], [prep], 0, torch.device("cpu"))[0][0]) == 3
+    assert proposals_for(None, ["k"], [prep], 2, torch.device("cpu")) == (None, None)

@@ -9,7 +9,6 @@ resumed run needs no sampler state.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,15 +17,8 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from regionclip.data.coco import CocoImage
+from regionclip.data.images import UNREADABLE, load_rgb
 from regionclip.data.sample_errors import error_record
-
-UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)  # what Pillow raises for bad files
-
-
-def load_rgb(path: str | Path) -> Image.Image:
-    """An image file as RGB; raises one of :data:`UNREADABLE` for a bad file."""
-    with Image.open(path) as im:
-        return im.convert("RGB")
 
 
 def flip_boxes(boxes: Tensor, width: int | float) -> Tensor:

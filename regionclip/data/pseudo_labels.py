@@ -17,8 +17,8 @@ each shard, ``<stem>.manifest.json`` records counts and identities (the pseudola
 from __future__ import annotations
 
 import io
-import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +27,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from regionclip.data.images import load_rgb
 from regionclip.data.sample_errors import ERROR_FIELD
 from regionclip.data.shards import IMAGE_EXTS, ShardWriter, expand_shards, expand_urls
+from regionclip.utils import parse_json
 
+TAR_NAME = re.compile(r"\.tar(\.(gz|bz2|xz|zst|lz4))?$")
 FORMAT = "regionclip.pseudolabels"
 FORMAT_VERSION = 1
 REGION_FIELDS = ("boxes", "objectness", "concept", "score", "topk_ids", "topk_logits")
@@ -123,7 +126,7 @@ def decode(raw: dict[str, Any], decode_image: bool = True) -> PseudoLabels:
     if ERROR_FIELD in raw:
         raise ValueError(f"{raw.get('__url__', '?')}: {raw[ERROR_FIELD]}: {raw.get('detail', '')}")
     try:
-        meta = json.loads(raw["json"].decode("utf-8"))
+        meta = parse_json(raw["json"])
         caption = raw["txt"].decode("utf-8")
         if not isinstance(meta, dict):
             raise TypeError("json is not an object")
@@ -138,7 +141,7 @@ def decode(raw: dict[str, Any], decode_image: bool = True) -> PseudoLabels:
         arrays[name] = load_npy(raw[f"{name}.npy"], f"{where} field {name}.npy")
     emb = load_npy(raw["emb.npy"], f"{where} field emb.npy") if "emb.npy" in raw else None
     ext = next((e for e in IMAGE_EXTS if e in raw), None)
-    image = None if ext is None or not decode_image else Image.open(io.BytesIO(raw[ext])).convert("RGB")
+    image = None if ext is None or not decode_image else load_rgb(raw[ext])
     labels = PseudoLabels(
         key=raw["__key__"], captions=captions, width=width, height=height, emb=emb,
         num_proposals=int(meta.get("num_proposals", 0)), drop_reason=str(meta.get("drop_reason", "")),
@@ -156,10 +159,23 @@ def iter_pseudo_labels(urls: str | list[str], decode_image: bool = True) -> Iter
 
 
 def output_name(url: str) -> str:
-    """Output shard file name of an input shard URL: its base name (``pretrain-000003.tar``)."""
-    name = url.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
-    if name.startswith("pipe:"):
-        name = name.split()[-1]
+    """Output shard file name of an input shard URL: its base name (``pretrain-000003.tar``); for a
+    ``pipe:`` command, that of the last ``.tar`` file it names (``pipe:aws s3 cp s3://b/x.tar -``,
+    ``pipe:cat x.tar.gz | zcat``). Outputs are plain tars: ``.tar.gz`` becomes ``.tar``.
+
+    Raises:
+        ValueError: a ``pipe:`` command that names no ``.tar`` file.
+    """
+    target = url
+    if url.startswith("pipe:"):
+        shards = [t for t in url[len("pipe:") :].split() if TAR_NAME.search(t.split("?", 1)[0])]
+        if not shards:
+            raise ValueError(
+                f"{url}: names no .tar file, so the output shard has no name; name one in the command"
+            )
+        target = shards[-1]
+    name = target.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
+    name = TAR_NAME.sub(".tar", name)
     return name if name.endswith(".tar") else f"{name}.tar"
 
 

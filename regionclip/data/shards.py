@@ -8,8 +8,10 @@ The reader never unpickles: it reads tar members itself and decodes images with 
 UTF-8 and JSON, nothing else. A bad sample does not stop a run: it travels down the pipeline as
 an *error record* (a dict with ``__error__``) so that it can be counted in the main process even
 when decoding happens in DataLoader workers; :func:`drop_errors` turns the records into counts.
-Reasons: ``unreadable_shard`` (missing, truncated or corrupt tar; one record per shard),
-``key_with_dot``, ``duplicate_field``, ``missing_image``, ``bad_json``, ``missing_caption``,
+Reasons: ``unreadable_shard`` (missing, truncated or corrupt tar, also one cut at a member
+boundary; one record per shard), ``key_with_dot``, ``bad_key`` (reserved ``__`` name, non-UTF-8
+member name, empty folder part), ``duplicate_key`` (a key again later in the shard; the first
+sample is kept), ``duplicate_field``, ``missing_image``, ``bad_json``, ``missing_caption``,
 ``bad_caption_encoding``, ``empty_caption``, ``bad_image``.
 """
 
@@ -31,17 +33,40 @@ from webdataset.shardlists import expand_urls as _wds_expand_urls
 from webdataset.tariterators import base_plus_ext
 from webdataset.utils import make_seed, pytorch_worker_info
 
+from regionclip.data.images import load_rgb
 from regionclip.data.sample_errors import ERROR_FIELD, SampleErrors, drop_errors, error_record
+from regionclip.utils import apply_umask, parse_json, temp_path
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
+def key_problem(key: str) -> str:
+    """Why ``key`` is not a valid sample key, or "" when it is.
+
+    webdataset splits member names at the first dot of the basename, so keys have no dot; a key
+    may hold folders (``a/b``: a tar made from a folder), but no empty or absolute part; names
+    starting with ``__`` are webdataset's own fields; keys are UTF-8 text.
+    """
+    if not key:
+        return "the key is empty"
+    if "." in key:
+        return "keys must not contain '.'"
+    if key.startswith("/") or "//" in key or key.endswith("/"):
+        return "keys must not start or end with '/' or hold an empty folder name"
+    if key.rsplit("/", 1)[-1].startswith("__"):
+        return "names starting with '__' are reserved for webdataset's own fields"
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the member name is not UTF-8"
+    return ""
+
+
 def check_key(key: str) -> str:
-    """Return ``key`` if it is a valid sample key (webdataset splits file names at the first dot)."""
-    if not key or "." in key or "/" in key or key.startswith("__"):
-        raise ValueError(
-            f"invalid sample key {key!r}: keys must be non-empty, without '.', '/' or a leading '__'"
-        )
+    """Return ``key`` if it is a valid sample key (:func:`key_problem`), else raise ValueError."""
+    problem = key_problem(key)
+    if problem:
+        raise ValueError(f"invalid sample key {key!r}: {problem}")
     return key
 
 
@@ -139,6 +164,7 @@ class ShardWriter:
         self.shard_index = start_shard
         self.shards: list[ShardInfo] = []
         self._tar: tarfile.TarFile | None = None
+        self._file: Any = None
         self._tmp: Path | None = None
         self._count = self._size = 0
         self._first = self._last = ""
@@ -181,19 +207,24 @@ class ShardWriter:
 
     def _open_shard(self) -> None:
         final = self.shard_path(self.shard_index)
-        self._tmp = final.with_name(f".{final.name}.tmp")
-        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+        self._tmp = temp_path(final)
+        self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in _close_shard / abort
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self._count = self._size = 0
         self._first = self._last = ""
 
     def _close_shard(self) -> None:
         assert self._tar is not None and self._tmp is not None
         self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())  # on disk before the rename makes it a finished shard
+        self._file.close()
+        apply_umask(self._tmp)
         final = self.shard_path(self.shard_index)
         os.replace(self._tmp, final)
         info = ShardInfo(str(final), self._count, final.stat().st_size, self._first, self._last)
         self.shards.append(info)
-        self._tar = self._tmp = None
+        self._tar = self._tmp = self._file = None
         self.shard_index += 1
         if self.on_close is not None:
             self.on_close(info)
@@ -206,9 +237,10 @@ class ShardWriter:
         """Drop the shard in progress (its temp file); finished shards stay."""
         if self._tar is not None:
             self._tar.close()
+            self._file.close()
             assert self._tmp is not None
             self._tmp.unlink(missing_ok=True)
-            self._tar = self._tmp = None
+            self._tar = self._tmp = self._file = None
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -231,22 +263,53 @@ def expand_urls(urls: str | Iterable[str]) -> list[str]:
     return [url for item in items for url in _wds_expand_urls(item)]
 
 
+class _StrictTarInfo(tarfile.TarInfo):
+    """Tar headers read so that only the end-of-archive marker (a zero block) ends a shard.
+
+    Python's stream-mode reader takes a header cut short, a missing header (a cut at a member
+    boundary) or a damaged one as a quiet end of the archive, which would pass a truncated shard
+    as a short, complete one.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as e:
+            raise tarfile.ReadError(
+                f"truncated or corrupt tar: no valid header or end marker at byte {tar.offset} ({e})"
+            ) from None
+
+
 def _tar_samples(stream: Any, url: str) -> Iterator[dict[str, Any]]:
     """Group the members of a tar stream into raw samples (webdataset's naming: key = name up to
-    the first dot of the basename). Raises on a truncated or corrupt tar; a sample is yielded only
-    once the next one has started (or the tar has ended), so it is known to be complete."""
+    the first dot of the basename). Raises on a truncated or corrupt tar (also when it lacks its
+    end marker); a sample is yielded only once the next one has started (or the tar has ended),
+    so it is known to be complete."""
     current: dict[str, Any] | None = None
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+    seen: set[str] = set()  # keys of this shard so far: a key seen again later is a duplicate
+    rejected: set[str] = set()
+    with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar:
         for member in tar:
             tar.members = []  # stream mode keeps every header otherwise
-            if not member.isreg() or member.name.split("/")[-1].startswith("__"):
+            if not member.isreg():
                 continue
             key, ext = base_plus_ext(member.name)
-            if key is None:
+            if key is None:  # a file without an extension: not a sample field
                 continue
-            if current is None or key != current["__key__"]:
+            if current is not None and key == current["__key__"]:
+                pass
+            elif problem := key_problem(key) or ("duplicate_key" if key in seen else ""):
+                if key not in rejected:  # one record per sample, not per field
+                    rejected.add(key)
+                    reason = "duplicate_key" if problem == "duplicate_key" else "bad_key"
+                    detail = "the key appeared before in this shard" if reason == "duplicate_key" else problem
+                    yield error_record(reason, key.encode("utf-8", "backslashreplace").decode(), url, detail)
+                continue
+            else:
                 if current is not None:
                     yield current
+                seen.add(key)
                 current = {"__key__": key, "__url__": url}
             data = tar.extractfile(member).read()
             ext = ext.lower()
@@ -336,8 +399,8 @@ def decode_image_text(raw: dict[str, Any], decode_image: bool = True) -> dict[st
     meta: dict[str, Any] = {}
     if "json" in raw:
         try:
-            meta = json.loads(raw["json"].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            meta = parse_json(raw["json"])
+        except ValueError as e:
             return error_record("bad_json", key, url, str(e))
         if not isinstance(meta, dict):
             return error_record("bad_json", key, url, f"json must be an object, got {type(meta).__name__}")
@@ -348,9 +411,7 @@ def decode_image_text(raw: dict[str, Any], decode_image: bool = True) -> dict[st
     image: Any = raw[image_ext]
     if decode_image:
         try:
-            im = Image.open(io.BytesIO(image))
-            im.load()
-            image = im if im.mode == "RGB" else im.convert("RGB")
+            image = load_rgb(image)
         except Exception as e:  # noqa: BLE001 - Pillow raises many types for corrupt data
             return error_record("bad_image", key, url, f"{type(e).__name__}: {e}")
     return {

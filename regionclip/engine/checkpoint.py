@@ -28,6 +28,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from regionclip.engine.run_cache import read_record
 from regionclip.errors import InputError
 from regionclip.utils import apply_umask, atomic_output, atomic_write_json
 
@@ -156,14 +157,24 @@ class AccelerateCheckpointer:
         if not found:
             return 0, {}
         step, folder = found[-1]
-        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-        if state.get("resume_hash", self.resume_hash) != self.resume_hash:
+        state = read_record(folder / "state.json")
+        if state is None:
+            raise InputError(
+                f"cannot resume from {folder}: state.json is unreadable; delete {folder} to start over"
+            )
+        if state.get("resume_hash") != self.resume_hash:
             raise InputError(
                 f"checkpoint {folder} was written with a different {self.what}; restore the config, or "
                 f"delete {self.out_dir / 'checkpoints'} to start over"
             )
-        self.load_extra(folder)
-        self.acc.load_state(str(folder))
+        try:
+            self.load_extra(folder)
+            self.acc.load_state(str(folder))
+        except Exception as e:  # a truncated or foreign file: name the folder and the way out
+            raise InputError(
+                f"cannot resume from {folder}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
+                f"delete {folder} to resume from the checkpoint before it"
+            ) from e
         return step, state
 
     def save(self, step: int, progress: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from regionclip.utils import sha256_file
+from regionclip.utils import parse_json, sha256_file
 
 
 def run_hash(*parts: Any) -> str:
@@ -42,8 +42,8 @@ def file_stamp(path: str) -> dict[str, Any]:
 def read_record(path: str | os.PathLike) -> dict[str, Any] | None:
     """The JSON object in ``path``, or None when it is missing, unreadable or not an object."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = parse_json(Path(path).read_bytes())
+    except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
 

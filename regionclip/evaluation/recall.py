@@ -14,7 +14,7 @@ from torchvision.ops import box_iou
 from tqdm import tqdm
 
 from regionclip.data.coco import category_splits, read_coco
-from regionclip.data.detection import UNREADABLE, load_rgb
+from regionclip.data.images import UNREADABLE, load_rgb
 from regionclip.data.sample_errors import error_record
 from regionclip.errors import ProposalError
 from regionclip.labeling.proposals import NetworkProposals

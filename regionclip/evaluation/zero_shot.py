@@ -25,7 +25,7 @@ from torchvision.ops import batched_nms
 from tqdm import tqdm
 
 from regionclip.data.coco import CocoSet, category_splits, read_coco
-from regionclip.data.detection import UNREADABLE, load_rgb
+from regionclip.data.images import UNREADABLE, load_rgb
 from regionclip.data.sample_errors import SampleErrors, error_record
 from regionclip.evaluation.evaluator import COCOEvaluator
 from regionclip.models.loading import LoadedClip
@@ -151,6 +151,12 @@ class DetectionParams:
     precision: str = "fp32"  # resolved compute precision of the RPN and the region path
 
 
+def rpn_weighted_scores(scores: torch.Tensor, objectness: torch.Tensor) -> torch.Tensor:
+    """RegionCLIP's MULTIPLY_RPN_SCORE: ``sqrt(class score * objectness)``, [R, C] from scores
+    [R, C] and objectness [R] in [0, 1] (sigmoid of the RPN logit)."""
+    return (scores * objectness.float().to(scores.device)[:, None].clamp(0, 1)).sqrt()
+
+
 def detections_from_regions(
     boxes: torch.Tensor,
     region_embeddings: torch.Tensor,
@@ -176,7 +182,7 @@ def detections_from_regions(
     if params.multiply_rpn_score:
         if objectness is None:
             raise ValueError("multiply_rpn_score needs the proposals' objectness")
-        scores = (scores * objectness.float().to(scores.device)[:, None].clamp(0, 1)).sqrt()
+        scores = rpn_weighted_scores(scores, objectness)
     region, label = torch.nonzero(scores > params.score_thresh, as_tuple=True)
     det_boxes = boxes.float().to(scores.device)[region]
     det_scores = scores[region, label]

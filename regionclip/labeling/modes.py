@@ -11,7 +11,6 @@ entry in :data:`MODES`; the labeler, the stage and the demo take it from the reg
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -22,7 +21,7 @@ from torch import Tensor
 from regionclip.concepts import CaptionParser
 from regionclip.config import PseudoLabelConfig
 from regionclip.errors import InputError
-from regionclip.utils import sha256_file
+from regionclip.utils import parse_json, sha256_file
 
 
 class LabelMode(Protocol):
@@ -109,9 +108,9 @@ def read_phrases(path: Path) -> dict[str, list[str]]:
         if not line.strip():
             continue
         try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+            entry = parse_json(line)
+        except ValueError as e:
+            raise InputError(f"{path}:{lineno}: invalid JSON: {getattr(e, 'msg', e)}") from None
         if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
             raise InputError(f"{path}:{lineno}: expected an object with a string 'key'")
         words = [*entry.get("phrases", []), *entry.get("concepts", [])]

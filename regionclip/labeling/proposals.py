@@ -24,6 +24,7 @@ from torch import Tensor
 from regionclip.errors import ProposalError
 from regionclip.models.rpn import ProposalNetwork, load_rpn
 from regionclip.precision import full_precision
+from regionclip.utils import parse_json
 
 
 def sample_proposals(
@@ -128,9 +129,9 @@ def load_precomputed_proposals(path: str | Path) -> dict[str, tuple[Tensor, Tens
                 continue
             where = f"{path}:{lineno}"
             try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ProposalError(f"{where}: invalid JSON: {e.msg}") from None
+                entry = parse_json(line)
+            except ValueError as e:
+                raise ProposalError(f"{where}: invalid JSON: {getattr(e, 'msg', e)}") from None
             key = entry.get("key") if isinstance(entry, dict) else None
             if not isinstance(key, str) or not key:
                 raise ProposalError(f"{where}: expected a non-empty string 'key'")
@@ -139,9 +140,11 @@ def load_precomputed_proposals(path: str | Path) -> dict[str, tuple[Tensor, Tens
             table[key] = _parse_proposals(entry, f"{where} (key {key!r})")
         return table
     try:
-        data = json.loads(text)
+        data = parse_json(text)
     except json.JSONDecodeError as e:
         raise ProposalError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except ValueError as e:
+        raise ProposalError(f"{path}: invalid JSON: {e}") from None
     if not isinstance(data, dict):
         raise ProposalError(f"{path}: expected an object mapping sample keys to proposals")
     for key, entry in data.items():

@@ -232,7 +232,12 @@ def encode_regions(
         tensors, scaled = [], []
         for i in range(start, min(start + batch_size, len(images))):
             tensor, scale = resize_for_detection(images[i], short_side, max_side, mean=mean, std=std)
-            tensors.append(tensor)
+            # a very thin image (1 x 4000) resizes below one feature cell: pad it with the mean colour
+            short_h, short_w = (
+                max(0, encoder.stride - tensor.shape[1]),
+                max(0, encoder.stride - tensor.shape[2]),
+            )
+            tensors.append(F.pad(tensor, (0, short_w, 0, short_h)))
             scaled.append(scale_boxes(_check_boxes(boxes[i], i).float(), scale))
         batch, sizes = batch_images(tensors, size_divisibility)
         emb = encoder(batch.to(device=param.device, dtype=param.dtype), scaled, sizes)

@@ -13,6 +13,7 @@ labels. Here the RPN is torchvision's (ResNet-FPN backbone, ``AnchorGenerator``,
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -102,14 +103,32 @@ class ProposalNetwork(nn.Module):
             ``loss_rpn_box_reg``; empty in eval mode). ``R_i`` ≤ the post-NMS top-n of the mode.
         """
         original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        images = [pad_thin_image(img, self.transform.max_size) for img in images]
+        padded_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         image_list, targets = self.transform(images, targets)
         features = self.backbone(image_list.tensors)
         boxes, scores, losses = self.rpn(image_list, features, targets)
         boxes = [
-            clip_boxes_to_image(resize_boxes(b, resized, original), original)
-            for b, resized, original in zip(boxes, image_list.image_sizes, original_sizes, strict=True)
+            clip_boxes_to_image(resize_boxes(b, resized, padded), original)
+            for b, resized, padded, original in zip(
+                boxes, image_list.image_sizes, padded_sizes, original_sizes, strict=True
+            )
         ]
         return boxes, scores, losses
+
+
+MIN_RESIZED_SIDE = 8  # px: the short side of a very thin image after resizing, at least
+
+
+def pad_thin_image(image: Tensor, max_size: int) -> Tensor:
+    """``[C, H, W]`` zero-padded at the bottom / right so that resizing the long side to
+    ``max_size`` leaves the short side at least :data:`MIN_RESIZED_SIDE` pixels (a 1 x 4000 image
+    would otherwise resize to 0 rows). Coordinates of the original pixels do not change."""
+    h, w = int(image.shape[-2]), int(image.shape[-1])
+    min_side = math.ceil(max(h, w) * MIN_RESIZED_SIDE / max_size)
+    if min(h, w) >= min_side:
+        return image
+    return torch.nn.functional.pad(image, (0, max(w, min_side) - w, 0, max(h, min_side) - h))
 
 
 def _resnet_fpn(cfg: RPNConfig) -> BackboneWithFPN:

@@ -35,9 +35,10 @@ from regionclip.data.coco import read_categories
 from regionclip.data.sample_errors import SampleErrors, error_record
 from regionclip.data.shards import iter_image_text
 from regionclip.engine.run_cache import file_stamp, read_record
+from regionclip.errors import InputError
 from regionclip.models.loading import WEIGHTS_FILE, load_clip
 from regionclip.text import embed_class_names, embedding_metadata, save_embeddings
-from regionclip.utils import atomic_output, atomic_write_json, atomic_write_text
+from regionclip.utils import atomic_output, atomic_write_json, atomic_write_text, require_writable
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +213,11 @@ def parse_captions(c: ConceptsConfig, raw_phrases: Path) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     for line in errors.report_lines() if errors.counts else []:
         log.warning(line)
+    if errors.unreadable_shards:  # a pool of part of the captions would pass for the whole one
+        shards = ", ".join(errors.unreadable_shards[:5])
+        raise InputError(
+            f"concepts.captions: {len(errors.unreadable_shards)} shard(s) could not be read: {shards}"
+        )
     return {
         "counts": counts,
         "categories": categories,
@@ -266,7 +272,7 @@ def build_concepts(
     stop = read_word_list(c.stop_list) if c.stop_list else []
     include = read_word_list(c.include) if c.include else []
     exclude = read_word_list(c.exclude) if c.exclude else []
-    out_dir.mkdir(parents=True, exist_ok=True)
+    require_writable(out_dir, "concepts.out_dir")
     timings: dict[str, float] = {}
 
     raw_phrases = out_dir / f".caption_phrases.raw-{os.getpid()}.jsonl"
@@ -332,6 +338,7 @@ def embed_concepts(
     config_hash: str,
 ) -> dict[str, str]:
     """Embed ``names`` with the teacher's text tower and the configured templates; returns its identity."""
+    torch.manual_seed(c.seed)  # a random-init teacher is then the one pseudolabel builds (same seed)
     loaded = load_clip(teacher, device=device)
     embeddings = embed_class_names(loaded, names, c.templates, c.text_batch_size, device)
     meta = {**embedding_metadata(loaded, c.templates), "concepts_config_hash": config_hash}

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from regionclip.config import ExperimentConfig, load_config
+from regionclip.config import ExperimentConfig, TransferConfig, load_config
 from regionclip.labeling.modes import check_mode, other_mode
 from regionclip.stages.demo_report import aggregate, results_markdown, write_seed_report
 from regionclip.stages.pseudolabel import plan_outputs
@@ -37,6 +37,10 @@ from regionclip.utils import atomic_write_json, atomic_write_text
 
 # the entry points a plan calls (``pipelines.demo`` maps each to its ``main``)
 ENTRIES = ("data", "pretrain", "rpn", "concepts", "pseudolabel", "eval", "transfer")
+# and, for the Detectron2 route, these two (only when Detectron2 is importable)
+DETECTRON2_ENTRIES = ("export_detectron2", "detectron2_train")
+# the dataset names the Detectron2 stage registers its jsons under
+DETECTRON2_TRAIN_SET, DETECTRON2_VAL_SET = "demo_det_train", "demo_val"
 
 
 @dataclass
@@ -80,8 +84,10 @@ def plan_seed(
     teacher_overrides: Sequence[str],
     seed: int,
     several: bool,
+    detectron2: bool = False,
 ) -> SeedPlan:
-    """Every stage of one seed, in order, with the argv each entry point gets.
+    """Every stage of one seed, in order, with the argv each entry point gets; ``detectron2``:
+    add the Detectron2 transfer of the student (when ``transfer.detectron2_config`` names one).
 
     Raises:
         ConfigError: a config file or override is invalid.
@@ -156,6 +162,8 @@ def plan_seed(
         out = load_config(config, stage_ov).transfer.out_dir
         files[f"transfer_{tag}"] = out
         stages.append(Stage(f"transfer_{tag}", "transfer", args(config, stage_ov), [out]))
+    if detectron2 and cfg.transfer.detectron2_config:
+        stages += detectron2_stages(cfg, student_final, seed, files)
     files.update(
         config=config,
         teacher_config=teacher_config,
@@ -172,6 +180,87 @@ def plan_seed(
         image_root=cfg.data.image_root,
     )
     return SeedPlan(seed, Path(cfg.output_dir), cfg, stages, files)
+
+
+def detectron2_recipe(t: TransferConfig) -> dict[str, str]:
+    """``transfer``'s training and test recipe as Detectron2 config options (KEY: VALUE text), so
+    both routes train the same way; ``MODEL.ROI_HEADS.NUM_CLASSES`` 0 takes the train json's count."""
+    recipe = {
+        "MODEL.BACKBONE.FREEZE_AT": t.freeze_at,
+        "MODEL.CLIP.MAX_PROPOSALS": t.max_proposals,
+        "MODEL.CLIP.MULTIPLY_RPN_SCORE": t.multiply_rpn_score,
+        "MODEL.CLIP.CLSS_TEMP": t.temperature,
+        "MODEL.CLIP.BG_CLS_LOSS_WEIGHT": t.bg_weight,
+        "MODEL.CLIP.FOCAL_SCALED_LOSS": t.focal_gamma,
+        "MODEL.ROI_HEADS.NUM_CLASSES": 0,
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": t.batch_size_per_image,
+        "MODEL.ROI_HEADS.POSITIVE_FRACTION": t.positive_fraction,
+        "MODEL.ROI_HEADS.IOU_THRESHOLDS": [t.fg_iou_thresh],
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST": t.score_thresh,
+        "MODEL.ROI_HEADS.NMS_THRESH_TEST": t.nms_thresh,
+        "TEST.DETECTIONS_PER_IMAGE": t.detections_per_image,
+        "INPUT.MIN_SIZE_TRAIN": tuple(t.train_short_sides),
+        "INPUT.MAX_SIZE_TRAIN": t.max_side,
+        "INPUT.MIN_SIZE_TEST": t.test_short_side,
+        "INPUT.MAX_SIZE_TEST": t.max_side,
+        "INPUT.RANDOM_FLIP": "horizontal" if t.hflip_prob > 0 else "none",  # Detectron2 flips at p = 0.5
+        "SOLVER.IMS_PER_BATCH": t.batch_size,
+        "SOLVER.BASE_LR": t.lr,
+        "SOLVER.MOMENTUM": t.momentum,
+        "SOLVER.WEIGHT_DECAY": t.weight_decay,
+        "SOLVER.MAX_ITER": t.steps,
+        "SOLVER.WARMUP_ITERS": t.warmup_steps,
+        # Detectron2 needs increasing milestones: two decays on one step (a toy run) become one
+        "SOLVER.STEPS": tuple(sorted({int(t.steps * f) for f in t.lr_decay_at} - {0})),
+        "SOLVER.GAMMA": t.lr_decay_factor,
+        "DATALOADER.NUM_WORKERS": t.num_workers,
+    }
+    if t.pooler_resolution > 0:
+        recipe["MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION"] = t.pooler_resolution
+    return {k: v if isinstance(v, str) else repr(v) for k, v in recipe.items()}
+
+
+def detectron2_stages(
+    cfg: ExperimentConfig, student_final: str, seed: int, files: dict[str, Any]
+) -> list[Stage]:
+    """The student exported for Detectron2, then Detectron2's transfer of it: the architecture of
+    ``transfer.detectron2_config``, this config's ``transfer`` recipe and paths; ``files["detectron2_metrics"]`` is where
+    its val metrics land."""
+    t = cfg.transfer
+    d2 = Path(cfg.output_dir) / "detectron2"
+    weights = d2 / "student.pth"
+    exported = [
+        str(weights),
+        str(d2 / "student.open_clip.json"),
+        str(d2 / "student.class_embeddings.safetensors"),
+    ]
+    out = d2 / "regionclip"
+    datasets = [
+        [DETECTRON2_TRAIN_SET, t.train_json, t.image_root],
+        [DETECTRON2_VAL_SET, t.val_json, t.image_root],
+    ]
+    opts = {
+        **detectron2_recipe(t),
+        "MODEL.WEIGHTS": str(weights),
+        "MODEL.CLIP.OPENCLIP_MODEL": cfg.teacher.model,
+        "MODEL.CLIP.OPENCLIP_MODEL_CONFIG": exported[1],
+        "MODEL.CLIP.TEXT_EMB_PATH": exported[2],
+        "MODEL.CLIP.RPN_DIR": t.rpn_dir,
+        "DATASETS.REGISTER_COCO": repr(datasets),
+        "DATASETS.TRAIN": repr((DETECTRON2_TRAIN_SET,)),
+        "DATASETS.TEST": repr((DETECTRON2_VAL_SET,)),
+        "OUTPUT_DIR": str(out),
+        "SEED": str(seed),
+    }
+    train_argv = ["--config-file", t.detectron2_config, "--resume"]
+    for key, value in opts.items():
+        train_argv += [key, value]
+    files["detectron2_metrics"] = str(out / "inference" / DETECTRON2_VAL_SET / "metrics.json")
+    export_argv = ["--student", student_final, "--out", str(weights), "--class-json", t.val_json]
+    return [
+        Stage("detectron2_export", "export_detectron2", export_argv, exported),
+        Stage("detectron2_regionclip", "detectron2_train", train_argv, [str(out)]),
+    ]
 
 
 def snapshot(paths: Sequence[str | os.PathLike]) -> dict[str, tuple[int, int]]:
@@ -259,7 +348,10 @@ def run_demo(
     per_seed, ran, skipped_total = {}, 0, 0
     for seed in seeds:
         label = f" seed {seed}" if several else ""
-        plan = plan_seed(config, teacher_config, overrides, teacher_overrides, seed, several)
+        plan = plan_seed(
+            config, teacher_config, overrides, teacher_overrides, seed, several,
+            detectron2=all(e in entries for e in DETECTRON2_ENTRIES),
+        )  # fmt: skip
         outcome = run_seed(plan, entries, label)
         if outcome is None:
             return 1

@@ -14,7 +14,7 @@ from PIL import Image
 
 from regionclip.config import section_hash
 from regionclip.data.coco import read_coco
-from regionclip.data.detection import load_rgb
+from regionclip.data.images import load_rgb
 from regionclip.data.pseudo_labels import iter_pseudo_labels
 from regionclip.evaluation.label_precision import label_precision
 from regionclip.evaluation.thresholds import OperatingPoint, best_f1_threshold
@@ -97,6 +97,9 @@ def build_results(plan: SeedPlan, seconds: dict[str, float], skipped: Sequence[s
         for tag in ("clip", "control", "regionclip")
     }
     ap50 = {init: transfer_ap50(m) for init, m in metrics.items()}
+    # the same student through Detectron2 (absent when the plan had no Detectron2 stage)
+    d2 = f.get("detectron2_metrics")
+    ap50["detectron2_student_init"] = transfer_ap50(_read_json(d2) if d2 else {})
     # the same detectors with the val boxes as proposals (transfer.diagnose_gt_boxes): recognition alone
     gt_boxes_ap50 = {init: transfer_ap50(m.get("gt_boxes", {})) for init, m in metrics.items()}
     return {
@@ -250,6 +253,7 @@ def results_markdown(results: dict[str, Any]) -> str:
         ("OVD AP50, teacher init (CLIP)", "ovd_ap50.clip_init"),
         ("OVD AP50, control init", "ovd_ap50.control_init"),
         ("OVD AP50, student init (RegionCLIP)", "ovd_ap50.regionclip_init"),
+        ("OVD AP50, student init, Detectron2 transfer", "ovd_ap50.detectron2_student_init"),
         ("RegionCLIP − CLIP (points)", "ovd_ap50.regionclip_minus_clip"),
         ("RegionCLIP − control (points)", "ovd_ap50.regionclip_minus_control"),
         ("OVD AP50 with val boxes as proposals, teacher init", "ovd_ap50_gt_boxes.clip_init"),

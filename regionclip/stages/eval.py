@@ -26,7 +26,7 @@ from regionclip.models.rpn import WEIGHTS_FILE as RPN_WEIGHTS_FILE
 from regionclip.models.rpn import load_rpn
 from regionclip.precision import resolve_precision
 from regionclip.text import check_class_embeddings, class_embeddings_for, load_embeddings, read_names_file
-from regionclip.utils import atomic_write_json
+from regionclip.utils import atomic_write_json, require_writable
 
 
 def default_tag(model: ClipModelConfig) -> str:
@@ -67,6 +67,7 @@ def run_eval(ev: EvalConfig, device: torch.device) -> dict[str, Any] | None:
     run = eval_run_hash(ev)
     if finished(out, run) is not None:
         return None
+    require_writable(out.parent, "eval.out_dir")
     start = time.perf_counter()
     precision = resolve_precision(ev.precision, device, "eval.precision")
     errors = SampleErrors()

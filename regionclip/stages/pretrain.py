@@ -54,7 +54,7 @@ from regionclip.models.loading import WEIGHTS_FILE
 from regionclip.models.student import build_student, compute_losses
 from regionclip.precision import PRECISIONS, autocast, resolve_precision
 from regionclip.text import load_embeddings
-from regionclip.utils import atomic_write_json, resolve_device, sha256_file
+from regionclip.utils import atomic_write_json, require_writable, resolve_device, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +108,9 @@ def pretrain_schedule(p: PretrainConfig) -> Schedule:
 def check_manifests(p: PretrainConfig, inputs: PretrainInputs) -> None:
     """Refuse pseudo-label shards whose manifest records another concept pool or teacher.
 
-    Compared: the manifest's ``concept_pool.sha256`` with the sha256 of ``pretrain.concepts``, and
-    its teacher ``weights_id`` with ``inputs.teacher_id``. ``pretrain.allow_mismatch`` turns
+    Compared: the shard's size with the manifest's ``shard_bytes``, the manifest's
+    ``concept_pool.sha256`` with the sha256 of ``pretrain.concepts``, and its teacher
+    ``weights_id`` with ``inputs.teacher_id``. ``pretrain.allow_mismatch`` turns
     refusals into warnings. Remote shards are not checked.
     """
     local = [u for u in inputs.shards if "://" not in u and not u.startswith("pipe:")]
@@ -125,6 +126,14 @@ def check_manifests(p: PretrainConfig, inputs: PretrainInputs) -> None:
         if manifest is None:
             problems.append(f"{url}: no readable manifest {mpath.name}")
             continue
+        size, recorded = (
+            Path(url).stat().st_size if Path(url).is_file() else None,
+            manifest.get("shard_bytes"),
+        )
+        if size is not None and recorded is not None and size != recorded:
+            problems.append(
+                f"{url}: {size} bytes, but its manifest recorded {recorded} (a cut or changed shard)"
+            )
         shard_pool = manifest.get("concept_pool", {}).get("sha256", "?")
         if shard_pool != pool_sha:
             problems.append(
@@ -317,6 +326,7 @@ def train(p: PretrainConfig, inputs: PretrainInputs, device_name: str = "auto") 
             f"pretrain: {p.out_dir} holds the finished run of this config ({done['steps']} steps); skipping"
         )
         return done
+    require_writable(p.out_dir, "pretrain.out_dir")
     device = resolve_device(device_name)
     precision = resolve_precision(p.precision, device, "pretrain.precision")
     # bf16 needs no loss scaling: our own autocast, so that runs of another precision can share a

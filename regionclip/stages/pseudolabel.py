@@ -13,18 +13,20 @@ split their sums by thread, which moves the last float bits; torchrun starts wor
 
 from __future__ import annotations
 
-import io
+import fcntl
+import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from regionclip.config import ClipModelConfig, PseudoLabelConfig, section_hash, to_dict
+from regionclip.data.images import load_rgb
 from regionclip.data.pseudo_labels import (
     FORMAT,
     FORMAT_VERSION,
@@ -42,7 +44,9 @@ from regionclip.labeling.modes import LabelMode
 from regionclip.models.rpn import CONFIG_FILE as RPN_CONFIG_FILE
 from regionclip.models.rpn import WEIGHTS_FILE as RPN_WEIGHTS_FILE
 from regionclip.text import names_sha256
-from regionclip.utils import atomic_write_json, sha256_file
+from regionclip.utils import atomic_write_json, is_stale_temp, require_writable, sha256_file
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,6 +59,7 @@ class StageStats:
     dropped: Counter = field(default_factory=Counter)  # images without regions, by reason
     shards_done: int = 0
     shards_reused: int = 0
+    shards_busy: int = 0  # locked by another process labelling the same folder
     errors: SampleErrors = field(default_factory=SampleErrors)
     images_this_run: int = 0
 
@@ -72,6 +77,7 @@ class StageStats:
             "dropped": dict(self.dropped),
             "shards_done": self.shards_done,
             "shards_reused": self.shards_reused,
+            "shards_busy": self.shards_busy,
             "images_this_run": self.images_this_run,
             "skipped": dict(self.errors.counts),
             "report": self.errors.report_lines() if self.errors.counts else [],
@@ -140,24 +146,58 @@ def concept_pool_identity(
 
 
 def is_finished(out_path: Path, expected: str) -> bool:
-    """An output shard counts as done when it and its manifest exist and the manifest matches."""
+    """An output shard counts as done when it and its manifest exist, the manifest matches and the
+    shard is byte for byte the one the manifest recorded (size, then sha256)."""
     manifest = finished(manifest_path(out_path), expected) if out_path.is_file() else None
-    return manifest is not None and manifest.get("shard_bytes") == out_path.stat().st_size
+    return (
+        manifest is not None
+        and manifest.get("shard_bytes") == out_path.stat().st_size
+        and manifest.get("shard_sha256") == sha256_file(out_path)
+    )
 
 
 def remove_stale_temps(out_path: Path) -> None:
-    """Temp files a killed run left for this shard (ShardWriter's and atomic_output's)."""
+    """Temp files a killed run of this host left for this shard (ShardWriter's and
+    atomic_output's); a live process's temps are its own."""
     for pattern in (f".{out_path.name}.tmp*", f".{manifest_path(out_path).name}.tmp*"):
         for stale in out_path.parent.glob(pattern):
-            stale.unlink(missing_ok=True)
+            if is_stale_temp(stale):
+                stale.unlink(missing_ok=True)
+
+
+@contextmanager
+def shard_lock(out_path: Path) -> Iterator[bool]:
+    """Hold ``.<shard>.lock`` (an advisory lock, released when the process ends, also by a kill);
+    yields False when another process holds it, i.e. is labelling this shard now. The holder
+    removes the file when done, so a finished folder keeps no lock files."""
+    lock = out_path.with_name(f".{out_path.name}.lock")
+    while True:
+        handle = open(lock, "a")  # noqa: SIM115 - closed below on every path
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            yield False
+            return
+        try:
+            current = os.stat(lock).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(handle.fileno()).st_ino:
+            break
+        # the previous holder removed the file between our open and our lock: lock the new one
+        handle.close()
+    try:
+        yield True
+    finally:
+        lock.unlink(missing_ok=True)  # before unlocking, so no one locks the removed file
+        handle.close()
 
 
 def _decoded(raw: dict[str, Any]) -> dict[str, Any]:
     """Reader sample (image bytes not decoded) → + ``image`` PIL, or an error record."""
     try:
-        im = Image.open(io.BytesIO(raw["image"]))
-        im.load()
-        image = im if im.mode == "RGB" else im.convert("RGB")
+        image = load_rgb(raw["image"])
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for corrupt data
         return error_record("bad_image", raw["__key__"], raw["__url__"], f"{type(e).__name__}: {e}")
     return {
@@ -178,8 +218,9 @@ def label_shard(
 ) -> tuple[dict[str, Any] | None, SampleErrors]:
     """Label one input shard into ``out_path`` + manifest; returns ``(manifest, errors)``.
 
-    Bad samples are skipped and counted. When the input shard cannot be read to its end nothing
-    is written (manifest None), so that a later run retries it.
+    Bad samples are skipped and counted. When the input shard cannot be read to its end, or
+    labelling it fails, nothing is written (manifest None) and the shard is reported unreadable,
+    so that the other shards are still labelled and a later run retries this one.
     """
     cfg = labeler.cfg
     errors = SampleErrors()
@@ -212,7 +253,14 @@ def label_shard(
                 flush(batch)
                 batch = []
         flush(batch)
-    except BaseException:
+    except Exception as e:  # noqa: BLE001 - one shard's failure must not stop the others
+        writer.abort()
+        errors.add(error_record("unreadable_shard", "", url, f"labelling stopped: {type(e).__name__}: {e}"))
+        log.error(
+            "pseudolabel: %s: labelling stopped: %s: %s (nothing written for it)", url, type(e).__name__, e
+        )
+        return None, errors
+    except BaseException:  # interrupted: leave no partial shard behind
         writer.abort()
         raise
     if errors.unreadable_shards:
@@ -225,6 +273,7 @@ def label_shard(
         "input_url": url,
         "shard": out_path.name,
         "shard_bytes": out_path.stat().st_size,
+        "shard_sha256": sha256_file(out_path),
         "counts": {**counts, "regions_dropped": dict(counts["regions_dropped"])},
         "skipped": dict(errors.counts),
         "concept_pool": identity.concept_pool,
@@ -253,7 +302,10 @@ def plan_outputs(cfg: PseudoLabelConfig) -> list[tuple[str, Path]]:
     seen: dict[str, str] = {}
     plan = []
     for url in urls:
-        name = output_name(url)
+        try:
+            name = output_name(url)
+        except ValueError as e:
+            raise InputError(f"pseudolabel.input_shards: {e}") from None
         if name in seen:
             raise InputError(
                 f"input shards {seen[name]} and {url} would both write {out_dir / name}; rename one"
@@ -273,14 +325,19 @@ def run_shards(
     stats = StageStats()
     for url, out_path in plan:
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(out_path)
-        if is_finished(out_path, identity.run_hash(url)):
-            manifest = read_record(manifest_path(out_path)) or {}
-            stats.add_counts(manifest["counts"])
-            stats.errors.counts.update(manifest["skipped"])
-            stats.shards_reused += 1
-            continue
-        manifest, errors = label_shard(labeler, url, out_path, identity, progress)
+        with shard_lock(out_path) as mine:
+            if not mine:
+                log.warning("pseudolabel: %s is being labelled by another process; left to it", out_path)
+                stats.shards_busy += 1
+                continue
+            remove_stale_temps(out_path)
+            if is_finished(out_path, identity.run_hash(url)):
+                manifest = read_record(manifest_path(out_path)) or {}
+                stats.add_counts(manifest["counts"])
+                stats.errors.counts.update(manifest["skipped"])
+                stats.shards_reused += 1
+                continue
+            manifest, errors = label_shard(labeler, url, out_path, identity, progress)
         stats.errors.update(errors)
         if manifest is not None:
             stats.add_counts(manifest["counts"])
@@ -294,6 +351,7 @@ def prepare_run(
 ) -> tuple[PseudoLabeler, RunIdentity]:
     """The labeler of ``pl`` (the ``teacher`` model, the proposals of ``rpn_dir`` or the
     ``precomputed`` file) and the identity its shards are recorded with."""
+    require_writable(pl.out_dir, "pseudolabel.out_dir")
     try:
         labeler, loaded, names, metadata = build_labeler(pl, teacher, rpn_dir, precomputed, device)
     except ProposalError as e:

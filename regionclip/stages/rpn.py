@@ -35,7 +35,7 @@ from regionclip.evaluation.recall import evaluate_recall
 from regionclip.models.preprocess import pil_to_tensor
 from regionclip.models.rpn import CONFIG_FILE, WEIGHTS_FILE, build_proposal_network, save_rpn
 from regionclip.precision import autocast, resolve_precision
-from regionclip.utils import atomic_write_json
+from regionclip.utils import atomic_write_json, require_writable
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ def train_rpn(
     if is_trained(cfg):
         log.info("rpn: %s already holds a network trained with this config; skipping", out)
         return read_record(out / SUMMARY_FILE) or {"finished": True}
+    require_writable(out, "rpn.out_dir", ProposalError)
     precision = resolve_precision(cfg.precision, device, "rpn.precision")
     data = read_coco(cfg.train_json, cfg.image_root, require_images=False, keep_empty=cfg.keep_empty,
                      require_categories=False, error=ProposalError)  # fmt: skip

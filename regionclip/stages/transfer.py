@@ -41,7 +41,8 @@ from tqdm import tqdm
 
 from regionclip.config import TransferConfig, section_hash, to_dict
 from regionclip.data.coco import CocoImage, CocoSet, category_splits, read_categories, read_coco
-from regionclip.data.detection import UNREADABLE, BoxImages, StepSampler, load_rgb
+from regionclip.data.detection import BoxImages, StepSampler
+from regionclip.data.images import UNREADABLE, load_rgb
 from regionclip.data.sample_errors import drop_errors
 from regionclip.engine.checkpoint import StateFileCheckpointer
 from regionclip.engine.loop import StepOutput, Trainer
@@ -67,7 +68,7 @@ from regionclip.precision import autocast, resolve_precision
 from regionclip.text import cached_class_embeddings, load_embeddings
 from regionclip.transfer.torchvision_rcnn import OpenVocabFasterRCNN, build_detector
 from regionclip.transfer.vocabulary import select_embeddings
-from regionclip.utils import atomic_output, atomic_write_json
+from regionclip.utils import atomic_output, atomic_write_json, require_writable
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +115,16 @@ def proposals_for(
     preps: Sequence[Prepared],
     max_proposals: int,
     device: torch.device,
-) -> list[Tensor] | None:
+) -> tuple[list[Tensor], list[Tensor]] | tuple[None, None]:
     """Frozen-RPN boxes (original pixels; highest objectness first, so ``max_proposals`` > 0 keeps
-    the top-k) scaled into each image's detection frame."""
+    the top-k) scaled into each image's detection frame, and their objectness; (None, None)
+    without a frozen RPN."""
     if rpn is None:
-        return None
-    boxes, _ = rpn(keys, [p.raw for p in preps])
+        return None, None
+    boxes, scores = rpn(keys, [p.raw for p in preps])
     k = max_proposals if max_proposals > 0 else None
-    return [(b[:k].float() * p.scale).to(device) for b, p in zip(boxes, preps, strict=True)]
+    scaled = [(b[:k].float() * p.scale).to(device) for b, p in zip(boxes, preps, strict=True)]
+    return scaled, [s[:k].float().to(device) for s in scores]
 
 
 def transfer_schedule(cfg: TransferConfig) -> Schedule:
@@ -135,6 +138,7 @@ def resume_hash(cfg: TransferConfig, run_inputs: str) -> str:
     trajectory = replace(
         cfg, tag="", out_dir="", val_json="", num_workers=0, checkpoint_every=0, eval_batch_size=0,
         score_thresh=0.0, nms_thresh=0.0, detections_per_image=0, test_short_side=0,
+        multiply_rpn_score=False, diagnose_gt_boxes=False, detectron2_config="",
     )  # fmt: skip
     return run_hash(section_hash(trajectory), run_inputs)
 
@@ -189,7 +193,7 @@ def train_detector(
             return None
         preps = [s["prep"] for s in good]
         tensor, sizes = batch_images([p.image for p in preps])
-        proposals = proposals_for(rpn, [s["key"] for s in good], preps, cfg.max_proposals, device)
+        proposals, _ = proposals_for(rpn, [s["key"] for s in good], preps, cfg.max_proposals, device)
         targets = [{"boxes": s["boxes"].to(device), "labels": s["labels"].to(device)} for s in good]
         with autocast(precision, device):
             losses = model(tensor.to(device), sizes, proposals, targets)
@@ -236,9 +240,14 @@ def detect_images(
             sizes.append((pil.height, pil.width))
             preps.append(prepare(pil, cfg.test_short_side, cfg.max_side, rpn is not None))
         tensor, image_sizes = batch_images([p.image for p in preps])
-        proposals = proposals_for(rpn, [i.file_name for i in chunk], preps, cfg.max_proposals, device)
+        proposals, objectness = proposals_for(
+            rpn, [i.file_name for i in chunk], preps, cfg.max_proposals, device
+        )
         with autocast(precision, device):
-            detections = model(tensor.to(device), image_sizes, proposals)
+            detections = model(
+                tensor.to(device), image_sizes, proposals,
+                objectness=objectness if cfg.multiply_rpn_score else None,
+            )  # fmt: skip
         for img, prep, (h, w), det in zip(chunk, preps, sizes, detections, strict=True):
             boxes = (det["boxes"].float().cpu() / prep.scale).clamp(min=0)
             boxes[:, 0::2] = boxes[:, 0::2].clamp(max=w)
@@ -279,6 +288,7 @@ def run_transfer(cfg: TransferConfig, device: torch.device, stop_after: int | No
     if done is not None:
         log.info("transfer: %s already holds results of this config; skipping", out)
         return done
+    require_writable(out, "transfer.out_dir", TransferError)
     precision = resolve_precision(cfg.precision, device, "transfer.precision")
     if cfg.proposals not in ("frozen", "trainable"):
         raise TransferError(f"transfer.proposals={cfg.proposals!r}: expected 'frozen' or 'trainable'")
@@ -290,7 +300,10 @@ def run_transfer(cfg: TransferConfig, device: torch.device, stop_after: int | No
     names = list(dict.fromkeys([c["name"] for c in val_cats] + [c["name"] for c in train_cats]))
     torch.manual_seed(cfg.seed)  # a random init (tests, the untrained demo teacher) is then reproducible
     random.seed(cfg.seed)
-    loaded = load_clip(cfg.init, "cpu")
+    try:
+        loaded = load_clip(cfg.init, "cpu")
+    except (ValueError, OSError) as e:  # a missing, truncated or foreign weights file: one line
+        raise TransferError(f"transfer.init: {e}") from None
     try:
         require_resnet(loaded.model.visual, "the C4 detector of `make transfer`")
     except TypeError as e:
@@ -307,16 +320,15 @@ def run_transfer(cfg: TransferConfig, device: torch.device, stop_after: int | No
     model.to(device)
     rpn = NetworkProposals(load_rpn(cfg.rpn_dir, device), device) if cfg.proposals == "frozen" else None
 
-    trained = finished(out / MODEL_JSON, this_run)
+    trajectory = resume_hash(cfg, inputs)  # a trained detector is reused when only evaluation changed
+    trained = finished(out / MODEL_JSON, trajectory)
     if trained is not None and (out / MODEL_FILE).is_file():
         model.load_state_dict(safetensors.torch.load_file(str(out / MODEL_FILE), device=str(device)))
         train_summary = trained["train"]
         log.info("transfer: using the trained detector in %s", out)
     else:
         data = _train_set(cfg)
-        train_summary = train_detector(
-            model, rpn, data.images, cfg, device, resume_hash(cfg, inputs), stop_after
-        )
+        train_summary = train_detector(model, rpn, data.images, cfg, device, trajectory, stop_after)
         train_summary["skipped"] = dict(data.skipped.counts + Counter(train_summary["skipped"]))
         if not train_summary["finished"]:
             log.info("transfer: stopped at step %d of %d (checkpoint in %s)", train_summary["steps"], cfg.steps,
@@ -328,7 +340,7 @@ def run_transfer(cfg: TransferConfig, device: torch.device, stop_after: int | No
                 state, str(tmp), metadata={"format": FORMAT, "version": str(FORMAT_VERSION)}
             )
         atomic_write_json(out / MODEL_JSON, {
-            "format": FORMAT, "version": FORMAT_VERSION, "run_hash": this_run, "config": to_dict(cfg),
+            "format": FORMAT, "version": FORMAT_VERSION, "run_hash": trajectory, "config": to_dict(cfg),
             "init": init_identity, "train_categories": train_cats, "train": train_summary,
         })  # fmt: skip
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)

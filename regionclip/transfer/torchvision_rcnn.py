@@ -32,6 +32,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 
 from regionclip.config import TransferConfig
+from regionclip.evaluation.zero_shot import rpn_weighted_scores
 from regionclip.models.region import RegionEncoder
 from regionclip.models.rpn import rpn_module
 from regionclip.models.towers import freeze_stages, require_resnet
@@ -114,6 +115,7 @@ class OpenVocabFasterRCNN(nn.Module):
         image_sizes: Sequence[tuple[int, int]],
         proposals: Sequence[Tensor] | None = None,
         targets: Sequence[dict[str, Tensor]] | None = None,
+        objectness: Sequence[Tensor] | None = None,
     ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         """Train mode: losses; eval mode: detections.
 
@@ -122,6 +124,8 @@ class OpenVocabFasterRCNN(nn.Module):
             image_sizes: ``(h_i, w_i)`` of each image inside the padded batch.
             proposals: ``[R_i, 4]`` x0y0x1y1 in batch pixels (ignored with a trainable RPN).
             targets: train mode: ``{"boxes": [G_i, 4], "labels": int64 [G_i] in 0..C-1}``.
+            objectness: eval mode, optional: ``[R_i]`` in [0, 1] per proposal; class scores become
+                ``sqrt(score * objectness)`` (RegionCLIP's MULTIPLY_RPN_SCORE).
 
         Returns:
             train: ``{"loss_cls", "loss_box_reg"}`` (+ ``loss_objectness``, ``loss_rpn_box_reg``
@@ -142,7 +146,7 @@ class OpenVocabFasterRCNN(nn.Module):
             losses["loss_cls"] = ov_classification_loss(logits, labels_all, self.bg_weight, self.focal_gamma)
             losses["loss_box_reg"] = box_regression_loss(deltas, targets_all, labels_all, self.num_classes)
             return losses
-        return self.postprocess(logits, deltas, boxes, image_sizes)
+        return self.postprocess(logits, deltas, boxes, image_sizes, objectness)
 
     @torch.no_grad()
     def sample_rois(
@@ -190,11 +194,15 @@ class OpenVocabFasterRCNN(nn.Module):
         deltas: Tensor,
         proposals: Sequence[Tensor],
         image_sizes: Sequence[tuple[int, int]],
+        objectness: Sequence[Tensor] | None = None,
     ) -> list[dict[str, Tensor]]:
-        """Softmax over classes + background → per-class boxes above ``score_thresh`` → per-class NMS
-        → the ``detections_per_image`` best. All classes share the one regressed box of a RoI."""
+        """Softmax over classes + background (times the proposals' ``objectness`` under a square
+        root when given) → per-class boxes above ``score_thresh`` → per-class NMS → the
+        ``detections_per_image`` best. All classes share the one regressed box of a RoI."""
         counts = [len(p) for p in proposals]
-        probs = F.softmax(logits, dim=-1)[:, :-1]
+        probs = F.softmax(logits.float(), dim=-1)[:, :-1]
+        if objectness is not None:
+            probs = rpn_weighted_scores(probs, torch.cat([o.float() for o in objectness]))
         out = []
         for prob, delta, props, size in zip(
             probs.split(counts), deltas.split(counts), proposals, image_sizes, strict=True

@@ -34,6 +34,8 @@ def add_regionclip_config(cfg: CN) -> CN:
     # Empty = a trainable Detectron2 RPN on res4 (MODEL.RPN.*, MODEL.PROPOSAL_GENERATOR.*).
     cfg.MODEL.CLIP.RPN_DIR = ""
     cfg.MODEL.CLIP.MAX_PROPOSALS = 0  # frozen RPN: top-k by objectness per image (0 = all it returns)
+    # inference: class score = sqrt(class score * sigmoid(objectness logit)), as RegionCLIP on RPN boxes
+    cfg.MODEL.CLIP.MULTIPLY_RPN_SCORE = False
     # COCO-format datasets to register: [[name, json_file, image_root], ...]
     cfg.DATASETS.REGISTER_COCO = []
     return cfg

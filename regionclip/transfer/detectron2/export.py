@@ -26,10 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from regionclip.config import ClipModelConfig
+from regionclip.config import ClipModelConfig, to_dict
 from regionclip.data.coco import read_categories
+from regionclip.engine.run_cache import file_digest, finished, run_hash
 from regionclip.errors import TransferError
-from regionclip.models.loading import load_clip
+from regionclip.models.loading import WEIGHTS_FILE, load_clip
 from regionclip.models.towers import require_resnet
 from regionclip.text import embed_class_names, embedding_metadata, save_embeddings
 from regionclip.utils import atomic_output, atomic_write_json, read_json
@@ -39,6 +40,7 @@ FORMAT_VERSION = 1
 PREFIX = "backbone."
 ARCH_SUFFIX = ".open_clip.json"
 EMBEDDINGS_SUFFIX = ".class_embeddings.safetensors"
+RECORD_SUFFIX = ".export.json"  # the run-cache record: an export of the same inputs is skipped
 
 
 def sidecar(out: str | os.PathLike, suffix: str) -> Path:
@@ -90,12 +92,24 @@ def export_student(
       embeddings of every category name of those jsons from the model's own text tower, for
       ``MODEL.CLIP.TEXT_EMB_PATH``.
 
-    Returns a summary: paths, tensor / BatchNorm counts and the weights identity.
+    Returns a summary: paths, tensor / BatchNorm counts and the weights identity (``skipped``:
+    these outputs already held an export of the same weights, jsons and templates).
 
     Raises:
         ValueError: unreadable weights, not a ResNet tower, unreadable json (the message names it).
     """
     out = Path(out)
+    weights = Path(source.pretrained) if source.pretrained else None
+    if weights is not None and weights.is_dir():
+        weights = weights / WEIGHTS_FILE
+    this_run = run_hash(
+        FORMAT_VERSION, to_dict(source), file_digest(weights), file_digest(source.model_config),
+        [file_digest(j) for j in class_jsons], templates,
+    )  # fmt: skip
+    record_file = sidecar(out, RECORD_SUFFIX)
+    record = finished(record_file, this_run)
+    if record is not None and all(Path(p).is_file() for p in record["outputs"]):
+        return {**record["summary"], "skipped": True}
     loaded = load_clip(source, "cpu")
     try:
         state = backbone_state_dict(loaded.model.visual)
@@ -119,7 +133,9 @@ def export_student(
         emb = embed_class_names(loaded, names, templates)
         save_embeddings(emb_file, emb, names, embedding_metadata(loaded, templates))
         summary.update(embeddings=str(emb_file), classes=len(names))
-    return summary
+    outputs = [str(out), str(arch_file), *([summary["embeddings"]] if class_jsons else [])]
+    atomic_write_json(record_file, {"run_hash": this_run, "outputs": outputs, "summary": summary})
+    return {**summary, "skipped": False}
 
 
 def read_arch(path: str | os.PathLike) -> dict[str, Any]:

@@ -50,6 +50,7 @@ from open_clip.modified_resnet import ModifiedResNet
 from torch import Tensor, nn
 
 from regionclip.errors import ProposalError, TransferError
+from regionclip.evaluation.zero_shot import rpn_weighted_scores
 from regionclip.models.resnet_path import region_head, stage, stem
 from regionclip.models.rpn import ProposalNetwork, load_rpn
 from regionclip.models.towers import freeze_stages
@@ -216,6 +217,7 @@ class TextEmbeddingOutputLayers(FastRCNNOutputLayers):
         temperature: float = 0.01,
         bg_weight: float = 0.2,
         focal_gamma: float = 0.5,
+        multiply_rpn_score: bool = False,
         **kwargs,
     ):
         if not kwargs.get("cls_agnostic_bbox_reg", False):
@@ -235,6 +237,7 @@ class TextEmbeddingOutputLayers(FastRCNNOutputLayers):
             else None
         )
         self.bg_weight, self.focal_gamma = float(bg_weight), float(focal_gamma)
+        self.multiply_rpn_score = bool(multiply_rpn_score)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -245,7 +248,7 @@ class TextEmbeddingOutputLayers(FastRCNNOutputLayers):
         train_set = (cfg.DATASETS.TRAIN or cfg.DATASETS.TEST)[0]
         test_set = (cfg.DATASETS.TEST or cfg.DATASETS.TRAIN)[0]
         train = vocabulary(clip.TEXT_EMB_PATH, train_set)
-        if len(train) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+        if cfg.MODEL.ROI_HEADS.NUM_CLASSES not in (0, len(train)):  # 0: whatever the dataset has
             raise TransferError(
                 f"class-count mismatch: MODEL.ROI_HEADS.NUM_CLASSES={cfg.MODEL.ROI_HEADS.NUM_CLASSES} but "
                 f"dataset {train_set!r} has {len(train)} classes"
@@ -257,6 +260,7 @@ class TextEmbeddingOutputLayers(FastRCNNOutputLayers):
             temperature=clip.CLSS_TEMP,
             bg_weight=clip.BG_CLS_LOSS_WEIGHT,
             focal_gamma=clip.FOCAL_SCALED_LOSS,
+            multiply_rpn_score=clip.MULTIPLY_RPN_SCORE,
         )
         return ret
 
@@ -272,6 +276,22 @@ class TextEmbeddingOutputLayers(FastRCNNOutputLayers):
         """Region embeddings ``[R, D]`` → (logits ``[R, C + 1]``, background last; deltas ``[R, 4]``)."""
         classifier = self.cls_score if self.training or self.test_cls_score is None else self.test_cls_score
         return classifier(x), self.bbox_pred(x)
+
+    def predict_probs(self, predictions, proposals: Sequence[Instances]) -> tuple[Tensor, ...]:
+        """Per image ``[R_i, C + 1]`` softmax scores; with ``multiply_rpn_score`` the class columns
+        become ``sqrt(score * sigmoid(objectness_logits))`` (the background column is unused)."""
+        probs = super().predict_probs(predictions, proposals)
+        if not self.multiply_rpn_score:
+            return probs
+        weighted = []
+        for p, image_probs in zip(proposals, probs, strict=True):
+            if not p.has("objectness_logits"):
+                raise ValueError("MODEL.CLIP.MULTIPLY_RPN_SCORE needs proposals with objectness_logits")
+            objectness = torch.sigmoid(p.objectness_logits.float())
+            weighted.append(
+                torch.cat([rpn_weighted_scores(image_probs[:, :-1], objectness), image_probs[:, -1:]], 1)
+            )
+        return tuple(weighted)
 
     def losses(self, predictions, proposals: Sequence[Instances]) -> dict[str, Tensor]:
         """``loss_cls`` (focal-scaled, background-weighted CE) and ``loss_box_reg`` (Detectron2's)."""

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from detectron2.checkpoint import DetectionCheckpointer
@@ -24,12 +27,16 @@ from detectron2.data import (
 )
 from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 
+from regionclip.engine.run_cache import file_digest, finished, run_hash
 from regionclip.errors import TransferError
 from regionclip.transfer.detectron2.config import add_regionclip_config
 from regionclip.transfer.detectron2.data import OVDEvaluator, clip_augmentations, register_datasets
 from regionclip.transfer.detectron2.modeling import clip_arch, test_vocabulary
+from regionclip.utils import atomic_write_json
+
+# OUTPUT_DIR's run-cache record: a finished training of the same config and input files is skipped
+RUN_RECORD = "regionclip_run.json"
 
 
 def setup_cfg(config_file: str, opts: list[str]):
@@ -62,33 +69,79 @@ def check_inputs(cfg, eval_only: bool, resume: bool) -> None:
     clip_arch(cfg)
 
 
-def log_to_output_dir(output_dir: str) -> None:
-    """The project's own messages (the evaluator's summary line) in the console and ``log.txt``,
-    beside Detectron2's: its ``default_setup`` configures only its own loggers."""
+@contextmanager
+def log_to_output_dir(output_dir: str) -> Iterator[None]:
+    """The project's own messages (the evaluator's summary line) in ``log.txt`` beside Detectron2's
+    (its ``default_setup`` configures only its own loggers) and on the console, for the duration
+    of a run: a later stage in the same process (``make demo``) must not write into this log."""
     logger = logging.getLogger("regionclip")
-    for handler in list(logger.handlers):  # an earlier run in this process logged elsewhere
-        logger.removeHandler(handler)
-    setup_logger(output_dir, distributed_rank=comm.get_rank(), name="regionclip", abbrev_name="rc",
-                 enable_propagation=True)  # fmt: skip
+    handlers: list[logging.Handler] = []
+    if comm.is_main_process():
+        os.makedirs(output_dir, exist_ok=True)
+        handlers += [
+            logging.FileHandler(os.path.join(output_dir, "log.txt")),
+            logging.StreamHandler(sys.stdout),
+        ]
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s]: %(message)s", "%m/%d %H:%M:%S"))
+        logger.addHandler(handler)
+    level, propagate = logger.level, logger.propagate
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # printed once, like Detectron2's own lines
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        logger.propagate = propagate
+        for handler in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+
+
+def training_identity(cfg) -> str:
+    """Run hash of a training: the whole config and the content of every file it reads."""
+    clip = cfg.MODEL.CLIP
+    files = [
+        cfg.MODEL.WEIGHTS,
+        clip.OPENCLIP_MODEL_CONFIG,
+        clip.TEXT_EMB_PATH,
+        clip.OPENSET_TEST_TEXT_EMB_PATH,
+    ]
+    files += (
+        [os.path.join(clip.RPN_DIR, name) for name in ("rpn.json", "rpn.safetensors")] if clip.RPN_DIR else []
+    )
+    files += [json_file for _, json_file, _ in cfg.DATASETS.REGISTER_COCO]
+    return run_hash(cfg.dump(), [file_digest(f) for f in files])
 
 
 def run(args):
     """One process's work (``launch`` calls it in every worker), from Detectron2's
     ``default_argument_parser`` arguments: train, or with ``--eval-only`` evaluate every
-    ``DATASETS.TEST`` with its own vocabulary."""
+    ``DATASETS.TEST`` with its own vocabulary. A training whose OUTPUT_DIR already holds the
+    finished run of the same config and inputs is skipped (its metrics stay where they are)."""
     cfg = setup_cfg(args.config_file, args.opts)
+    record_file = Path(cfg.OUTPUT_DIR) / RUN_RECORD
+    identity = training_identity(cfg) if not args.eval_only else ""
+    done = finished(record_file, identity) if identity else None
+    if done is not None and (Path(cfg.OUTPUT_DIR) / "model_final.pth").is_file():
+        if comm.is_main_process():
+            print(f"detectron2_train: {cfg.OUTPUT_DIR} already holds this run; skipping")
+        return None
     default_setup(cfg, args)
-    log_to_output_dir(cfg.OUTPUT_DIR)
-    register_datasets(cfg)
-    if args.eval_only:
-        model = RegionCLIPTrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
-        return RegionCLIPTrainer.test(cfg, model)
-    trainer = RegionCLIPTrainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    with log_to_output_dir(cfg.OUTPUT_DIR):
+        register_datasets(cfg)
+        if args.eval_only:
+            model = RegionCLIPTrainer.build_model(cfg)
+            DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+                cfg.MODEL.WEIGHTS, resume=args.resume
+            )
+            return RegionCLIPTrainer.test(cfg, model)
+        trainer = RegionCLIPTrainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        results = trainer.train()
+    if comm.is_main_process():
+        atomic_write_json(record_file, {"run_hash": identity})
+    return results
 
 
 class RegionCLIPTrainer(DefaultTrainer):
