@@ -11,11 +11,10 @@ done, 1 bad input or a non-finite loss, 2 bad config or arguments.
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Sequence
 
-from regionclip.cli import config_from_argv
+from regionclip.cli import config_from_argv, console_logging
 from regionclip.errors import TrainingError
 from regionclip.stages.inputs import pretrain_inputs
 from regionclip.stages.pretrain import check_config, train
@@ -25,8 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg, _ = config_from_argv(
         argv, "Pretrain the RegionCLIP student (or a CLIP model with pretrain.mode=image_text)."
     )
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint file otherwise
+    console_logging()
     try:
         check_config(cfg.pretrain)
     except ValueError as e:

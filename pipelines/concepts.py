@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from regionclip.cli import config_from_argv, device_from_config
+from regionclip.cli import config_from_argv, console_logging, device_from_config
 from regionclip.stages.concepts import build_concepts
 
 
@@ -25,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--force", action="store_true", help="re-run even if up to date"
         ),
     )
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    console_logging(logging.WARNING, "%(levelname)s %(name)s: %(message)s")
     logging.getLogger("regionclip").setLevel(logging.INFO)
     try:
         summary = build_concepts(cfg.concepts, cfg.teacher, device_from_config(cfg.device), force=args.force)

@@ -3,18 +3,18 @@
     python -m pipelines.detect --model RN50 --pretrained openai --rpn runs/demo/rpn --prompt "person. dog." a.jpg
 
 ``--model``: an open_clip name, a checkpoint folder of this project, or a weights file with
-``--model-config``. Writes ``<out>/detections.json`` and one PNG per image. Exit status: 0 done,
+``--model-config``. Writes ``<out>/detections.json`` (COCO results), ``images.json`` and one PNG per image. Exit status: 0 done,
 1 no image could be read or bad model/RPN, 2 bad arguments.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from regionclip.cli import console_logging
 from regionclip.evaluation.zero_shot import DetectionParams
 from regionclip.models.loading import model_config_for
 from regionclip.precision import PRECISIONS, resolve_precision
@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    console_logging()
     try:
         names = parse_prompt(args.prompt) if args.prompt is not None else read_names_file(args.vocab)
         device = resolve_device(args.device)

@@ -48,6 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parts.append(
             "AP50 all/base/novel " + "/".join(_fmt(det["AP50"].get(s)) for s in ("all", "base", "novel"))
         )
+        if "lvis" in det:
+            parts.append(
+                "LVIS AP/APr/APc/APf " + "/".join(_fmt(det["lvis"][k]) for k in ("AP", "APr", "APc", "APf"))
+            )
     n, seconds = report["images"], report["seconds"]
     print(
         f"eval {tag}: "

@@ -36,6 +36,11 @@ def summary_line(total: dict, seconds: float, world: int, out_dir: str, precisio
     )
 
 
+def bar_options(rank: int, world: int) -> dict:
+    """One progress line per process (each labels its own shards), rank 0 on top."""
+    return {"desc": "pseudolabel" if world == 1 else f"pseudolabel [{rank}/{world}]", "position": rank}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, _, device = stage_setup(argv, "Pseudo-label image-text shards with teacher region concepts.")
     from accelerate import Accelerator
@@ -52,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     mine = assign_shards(plan, acc.process_index, acc.num_processes)
     start = time.perf_counter()
-    with tqdm(desc="pseudolabel", unit="img", disable=not acc.is_main_process, mininterval=1.0) as bar:
+    with tqdm(unit="img", mininterval=1.0, **bar_options(acc.process_index, acc.num_processes)) as bar:
         stats = run_shards(labeler, mine, identity, progress=bar.update)
     part = {**stats.to_dict(), "seconds": time.perf_counter() - start}
     parts = gather_object([part]) if acc.num_processes > 1 else [part]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -52,6 +53,32 @@ def config_from_argv(
     return cfg, args
 
 
+class _WithoutOpenClipInfo(logging.Filter):
+    """open_clip logs a few INFO lines on the root logger per model it builds ("Loaded RN50 model
+    config.", "... creation process complete."); on a stage's console they buried the project's
+    own warnings. Its warnings and errors still show."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        spec = importlib.util.find_spec("open_clip")
+        self.prefix = spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not (
+            self.prefix and record.pathname.startswith(self.prefix)
+        )
+
+
+def console_logging(level: int = logging.INFO, fmt: str = "%(message)s") -> None:
+    """The console logging of every entry point: messages at ``level`` and above, without the
+    libraries' chatter (open_clip's INFO lines, accelerate's line per checkpoint file)."""
+    logging.basicConfig(level=level, format=fmt)
+    root = logging.getLogger()
+    if not any(isinstance(f, _WithoutOpenClipInfo) for f in root.filters):
+        root.addFilter(_WithoutOpenClipInfo())
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+
+
 def stage_setup(
     argv: Sequence[str] | None,
     description: str,
@@ -60,7 +87,7 @@ def stage_setup(
     """What every stage's entry point starts with: :func:`config_from_argv`, messages of the
     library's loggers on the console, and the config's device (:func:`device_from_config`)."""
     cfg, args = config_from_argv(argv, description, extra_flags)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    console_logging()
     return cfg, args, device_from_config(cfg.device)
 
 

@@ -311,6 +311,9 @@ class TransferConfig:
     val_json: str = "${data.val_json}"  # all boxes; its categories (base + novel) are the test vocabulary
     image_root: str = "${data.image_root}"
     class_embeddings: str = ""  # regionclip.text embeddings naming every category; empty = embed here
+    # test-time class names file, one per line, matched to the val json's categories by name (the
+    # other names are distractors); empty = the val json's categories
+    vocabulary: str = ""
     templates: str = "ensemble"
     proposals: str = "frozen"  # frozen: the RPN in rpn_dir, as RegionCLIP | trainable: an RPN head on C4
     rpn_dir: str = "${rpn.out_dir}"
@@ -380,7 +383,7 @@ class EvalConfig:
     out_dir: str = "${output_dir}/eval"
     json: str = "${data.val_json}"  # COCO-format json with all boxes
     image_root: str = "${data.image_root}"
-    vocabulary: str = ""  # class names file, one per line in the json's category order; empty = json names
+    vocabulary: str = ""  # class names file, one per line, matched to the json's categories by name (others: distractors); empty = json names
     class_embeddings: str = ""  # precomputed embeddings file (regionclip.text format); overrides vocabulary
     templates: str = "ensemble"  # ensemble | single
     novel: list[str] = field(default_factory=list)  # novel names when the json's categories lack "split"

@@ -138,3 +138,25 @@ def test_real_data_configs_load_without_data():
     assert cc3m.teacher == coco.teacher
     assert cc3m.rpn.out_dir == "runs/coco/rpn"  # reuses the COCO base-class RPN
     assert cc3m.transfer.train_json == "runs/coco/data/instances_train_base.json"
+
+
+def test_console_logging_drops_open_clip_info_lines_but_not_its_warnings(monkeypatch):
+    import logging
+
+    import open_clip
+
+    from regionclip.cli import console_logging
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "filters", list(root.filters))  # the filter goes away with the test
+    console_logging()
+    console_logging()  # entry points may call it twice: one filter
+    assert len(root.filters) == 1
+
+    def record(level: int, pathname: str) -> logging.LogRecord:
+        return logging.LogRecord("root", level, pathname, 1, "message", None, None)
+
+    factory = str(Path(open_clip.__file__).parent / "factory.py")
+    assert not root.filter(record(logging.INFO, factory))  # "Loaded RN50 model config."
+    assert root.filter(record(logging.WARNING, factory))
+    assert root.filter(record(logging.INFO, "/somewhere/regionclip/stages/rpn.py"))

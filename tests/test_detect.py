@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from pycocotools.coco import COCO
 
 from pipelines import detect as detect_cli
 
@@ -69,13 +70,18 @@ def test_detect_writes_json_and_pngs(tmp_path, tiny_clip, tiny_rpn_dir, images, 
     )
     assert code == 0
     assert any("broken.jpg" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
-    report = json.loads((out / "detections.json").read_text())
+    report = json.loads((out / "images.json").read_text())
+    detections = json.loads((out / "detections.json").read_text())
+    assert isinstance(detections, list)
     assert report["categories"] == [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
+    assert report["info"]["rpn"] == str(tiny_rpn_dir) and report["info"]["templates"] == "single"
+    loaded = COCO(str(out / "images.json")).loadRes(str(out / "detections.json"))
+    assert len(loaded.getAnnIds()) == len(detections)
     assert [im["file_name"] for im in report["images"]] == [str(images[0]), str(images[1])]
     assert [(im["width"], im["height"]) for im in report["images"]] == [(64, 64), (80, 48)]
     ids = {im["id"] for im in report["images"]}
-    assert report["detections"], "a random RPN with 2 classes at threshold 0.1 must detect something"
-    for det in report["detections"]:
+    assert detections, "a random RPN with 2 classes at threshold 0.1 must detect something"
+    for det in detections:
         assert det["image_id"] in ids and det["category_id"] in (1, 2)
         x, y, w, h = det["bbox"]
         assert w >= 0 and h >= 0 and 0.1 < det["score"] <= 1
@@ -90,7 +96,7 @@ def test_detect_vocab_file(tmp_path, tiny_clip, tiny_rpn_dir, images) -> None:
     vocab.write_text("red umbrella\n\nbicycle\n")
     out = tmp_path / "out"
     assert detect_cli.main(_args(tiny_clip, tiny_rpn_dir, out, "--vocab", str(vocab), str(images[0]))) == 0
-    report = json.loads((out / "detections.json").read_text())
+    report = json.loads((out / "images.json").read_text())
     assert [c["name"] for c in report["categories"]] == ["red umbrella", "bicycle"]
 
 

@@ -11,10 +11,13 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from data_prep import lvis_format
 from pipelines import eval as eval_pipeline
 from regionclip.config import ClipModelConfig
 from regionclip.data.coco import CocoImage, category_splits, read_coco
 from regionclip.evaluation.coco_ap import COCO_STAT_NAMES, coco_ap_by_split
+from regionclip.evaluation.evaluator import COCOEvaluator, LVISEvaluator, evaluator_for, vocabulary_classes
+from regionclip.evaluation.lvis_ap import is_lvis_format, lvis_ap_by_split
 from regionclip.evaluation.thresholds import best_f1_threshold
 from regionclip.evaluation.zero_shot import (
     DetectionParams,
@@ -367,3 +370,142 @@ def test_f1_threshold_by_hand() -> None:
     point = best_f1_threshold(images, dets[:4])
     assert point.threshold == 0.6 and point.f1 == pytest.approx(4 / 7)
     assert best_f1_threshold(images, []).threshold == 1.0
+
+
+# GT in LVIS format: 1 frequent, 2 common, 3 and 4 rare; image 2 says nothing about category 3
+LVIS_GT = {
+    **GT,
+    "categories": [
+        {"id": c, "name": f"c{c}", "frequency": f} for c, f in ((1, "f"), (2, "c"), (3, "r"), (4, "r"))
+    ],
+    "images": [
+        {**GT["images"][0], "neg_category_ids": [2, 4], "not_exhaustive_category_ids": []},
+        {**GT["images"][1], "neg_category_ids": [4], "not_exhaustive_category_ids": []},
+    ],
+}
+
+
+def test_lvis_ap_by_hand() -> None:
+    out = lvis_ap_by_split(LVIS_GT, _perfect(), SPLITS)
+    assert out["AP50"] == pytest.approx({"base": 1.0, "novel": 1.0, "empty": None, "all": 1.0})
+    assert out["lvis"]["APr"] == pytest.approx(1.0) and out["lvis"]["APc"] == pytest.approx(1.0)
+    assert out["lvis"]["APf"] == pytest.approx(1.0) and out["lvis"]["APl"] is None  # no large box
+    # federated: a category-3 box in image 2, which neither has one nor lists 3 as absent, is not counted
+    stray = _det(2, 3, [0, 0, 20, 20], 0.95)
+    assert lvis_ap_by_split(LVIS_GT, [*_perfect(), stray], SPLITS)["per_category_AP50"][3] == pytest.approx(
+        1.0
+    )
+    # where image 2 lists 3 as absent it is a false positive above the one true positive:
+    # precision 1/2 at every recall point
+    negative = {
+        **LVIS_GT,
+        "images": [LVIS_GT["images"][0], {**LVIS_GT["images"][1], "neg_category_ids": [3, 4]}],
+    }
+    out = lvis_ap_by_split(negative, [*_perfect(), stray], SPLITS)
+    assert out["per_category_AP50"][3] == pytest.approx(0.5) and out["lvis"]["APr"] < 1.0
+    # at most max_dets per image: image 1 keeps its 0.9 box of category 1, drops the 0.8 one of 3
+    dets = [_det(1, 1, [10, 10, 20, 20], 0.9), _det(1, 3, [50, 50, 20, 20], 0.8)]
+    assert lvis_ap_by_split(LVIS_GT, dets, SPLITS, max_dets=1)["per_category_AP50"][3] == 0.0
+    assert lvis_ap_by_split(LVIS_GT, [], SPLITS)["AP50"]["novel"] == 0.0
+
+
+def test_the_json_format_picks_the_evaluator(tmp_path: Path) -> None:
+    assert type(evaluator_for(GT, [1, 2, 3, 4], SPLITS)) is COCOEvaluator
+    path = tmp_path / "lvis.json"
+    path.write_text(json.dumps(LVIS_GT))
+    evaluator = evaluator_for(path, [1, 2, 3, 4], SPLITS)
+    assert type(evaluator) is LVISEvaluator
+    for a in GT["annotations"]:
+        x, y, w, h = a["bbox"]
+        evaluator.process(a["image_id"], torch.tensor([[x, y, x + w, y + h]]), torch.tensor([0.9]),
+                          torch.tensor([a["category_id"] - 1]))  # fmt: skip
+    assert evaluator.evaluate()["lvis"]["AP50"] == pytest.approx(1.0)
+
+
+def test_lvis_converter_tags_frequency_by_training_images(tmp_path: Path) -> None:
+    train = {"images": [{"id": i} for i in range(1, 13)], "categories": GT["categories"],
+             "annotations": [{"image_id": i, "category_id": 1, "bbox": [0, 0, 1, 1]} for i in range(1, 13)]
+             + [{"image_id": 1, "category_id": 2, "bbox": [0, 0, 1, 1]}] * 3}  # fmt: skip
+    for name, data in (("val.json", GT), ("train.json", train)):
+        (tmp_path / name).write_text(json.dumps(data))
+    argv = ["--json", str(tmp_path / "val.json"), "--train-json", str(tmp_path / "train.json"),
+            "--out", str(tmp_path / "lvis.json"), "--rare-max", "0", "--common-max", "10"]  # fmt: skip
+    assert lvis_format.main(argv) == 0
+    out = json.loads((tmp_path / "lvis.json").read_text())
+    # category 1: 12 training images > 10 -> frequent; 2: one image -> common; 3, 4: none -> rare
+    assert [(c["image_count"], c["frequency"]) for c in out["categories"]] == [
+        (12, "f"),
+        (1, "c"),
+        (0, "r"),
+        (0, "r"),
+    ]
+    assert [im["neg_category_ids"] for im in out["images"]] == [[2, 4], [3, 4]]
+    assert is_lvis_format(out) and not is_lvis_format(GT)
+
+
+def test_eval_pipeline_reports_lvis_ap_on_an_lvis_json(
+    tmp_path: Path, tiny_model, tiny_clip, tiny_rpn_dir
+) -> None:
+    coco_path = write_tiny_set(tmp_path)
+    coco = json.loads(coco_path.read_text())
+    lvis_path = tmp_path / "val_lvis.json"
+    lvis_path.write_text(json.dumps(lvis_format.to_lvis_format(coco, coco)))
+    out = tmp_path / "eval"
+    code = eval_pipeline.main(
+        _eval_argv(
+            tmp_path,
+            tiny_clip,
+            lvis_path,
+            f"eval.rpn={tiny_rpn_dir}",
+            f"eval.out_dir={out}",
+            "eval.templates=single",
+            "eval.rpn_topk=10",
+            "eval.short_side=64",
+            "eval.max_side=64",
+            "eval.tag=lvis",
+        )  # fmt: skip
+    )
+    assert code == 0
+    det = json.loads((out / "lvis.json").read_text())["zero_shot_detection"]
+    assert set(det["lvis"]) >= {"AP", "APr", "APc", "APf"} and "coco" not in det
+    assert 0.0 <= det["lvis"]["AP"] <= 1.0
+
+
+def test_vocabulary_classes_by_hand() -> None:
+    cats = ["red square", "green bar", "blue blob"]
+    assert vocabulary_classes(["Blue  Blob", "zebra", "red square"], cats, "val.json").tolist() == [2, -1, 0]
+    with pytest.raises(ValueError, match="'Zebra' appears twice"):
+        vocabulary_classes(["zebra", "Zebra", "red square"], cats, "val.json")
+    with pytest.raises(ValueError, match="none of its 1 names is a category of val.json"):
+        vocabulary_classes(["zebra"], cats, "val.json")
+
+
+def test_any_vocabulary_with_distractors_and_a_missing_category(tmp_path: Path, tiny_model, tiny_clip,
+                                                                tiny_rpn_dir) -> None:  # fmt: skip
+    json_path = write_tiny_set(tmp_path)
+    emb = _gt_region_embeddings(tiny_model, json_path)  # rows: red square, green bar, blue blob
+    # "zebra" carries the green bar's own embedding, so the green bar's box is taken for a zebra
+    vocabulary = ["blue blob", "zebra", "red square"]
+    acc = region_accuracy(tiny_model, json_path, tmp_path / "images", emb[[2, 1, 0]], None, 64, 64,
+                          vocabulary=vocabulary)  # fmt: skip
+    assert acc["all"]["top1"] == pytest.approx(2 / 3) and acc["all"]["top5"] == pytest.approx(2 / 3)
+    assert {n: r["top1"] for n, r in acc["per_name"].items()} == {
+        "red square": 1.0,
+        "green bar": 0.0,
+        "blue blob": 1.0,
+    }
+    assert acc["top1_predictions"] == {"blue blob": 1, "zebra": 1, "red square": 1}
+
+    names = tmp_path / "vocab.txt"
+    names.write_text("red square\nblue blob\nzebra\n")  # 3 names for a json of 3, one not in it
+    out = tmp_path / "eval"
+    argv = _eval_argv(tmp_path, tiny_clip, json_path, f"eval.vocabulary={names}", f"eval.rpn={tiny_rpn_dir}",
+                      f"eval.out_dir={out}", "eval.templates=single", "eval.rpn_topk=10", "eval.short_side=64",
+                      "eval.max_side=64", "eval.tag=vocab", "eval.score_thresh=0.0")  # fmt: skip
+    assert eval_pipeline.main(argv) == 0
+    report = json.loads((out / "vocab.json").read_text())
+    assert report["vocabulary"]["distractors"] == ["zebra"]
+    assert report["vocabulary"]["categories_missing"] == ["green bar"]
+    assert set(report["region_accuracy"]["per_name"]) == {"red square", "green bar", "blue blob"}
+    found = {d["category_id"] for d in json.loads((out / "vocab.detections.json").read_text())}
+    assert found and found <= {10, 30}  # no detection is given to a distractor or a missing category

@@ -13,7 +13,7 @@ from open_clip.transformer import QuickGELU
 
 from regionclip.config import ClipModelConfig
 from regionclip.models import get_model_config, load_clip, save_clip_checkpoint
-from regionclip.models.loading import CONFIG_FILE, WEIGHTS_FILE, is_torchscript_archive
+from regionclip.models.loading import CONFIG_FILE, WEIGHTS_FILE, is_torchscript_archive, model_config_for
 from regionclip.utils import sha256_file
 
 
@@ -90,6 +90,17 @@ def test_checkpoint_overwrite_replaces_and_leaves_no_temp(reference, tiny_cfg, t
     save_clip_checkpoint(reference.model, tiny_arch, out, {"model": "RN-tiny-test", "step": 2})
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
     assert json.loads((out / CONFIG_FILE).read_text())["regionclip"]["step"] == 2
+
+
+def test_a_quick_gelu_checkpoint_records_the_quickgelu_name(tiny_cfg, tmp_path, tiny_arch):
+    arch = {**tiny_arch, "quick_gelu": True}  # as get_model_config gives OpenAI-tagged weights
+    model = open_clip.create_model(tiny_cfg.model, force_quick_gelu=True)
+    out = save_clip_checkpoint(model, arch, tmp_path / "ckpt", {"model": tiny_cfg.model})
+    assert json.loads((out / CONFIG_FILE).read_text())["regionclip"]["model"] == "RN-tiny-test-quickgelu"
+    for name in ("RN-tiny-test", "RN-tiny-test-quickgelu"):  # either name loads the folder
+        loaded = load_clip(ClipModelConfig(model=name, pretrained=str(out)))
+        assert any(isinstance(m, QuickGELU) for m in loaded.model.modules())
+    assert model_config_for(str(out)).model == "RN-tiny-test-quickgelu"
 
 
 def test_checkpoint_dir_model_name_mismatch(reference, tmp_path):

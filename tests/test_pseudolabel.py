@@ -230,6 +230,12 @@ def test_summary_line(world: dict, tmp_path: Path, capsys):
     assert "s1x2" in captured.err  # the bad sample is named
 
 
+def test_every_process_shows_its_own_progress_bar():
+    # rank 0 alone used to count: with 2 processes the bar showed half of the work
+    assert stage.bar_options(0, 1) == {"desc": "pseudolabel", "position": 0}
+    assert stage.bar_options(1, 2) == {"desc": "pseudolabel [1/2]", "position": 1}
+
+
 def test_resume_recomputes_only_missing_shard(world: dict, first_run: Path, tmp_path: Path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()

@@ -257,6 +257,26 @@ def test_an_evaluation_only_change_reuses_the_trained_detector(world: dict):
     assert transfer_pipeline.main(world["argv"]) == 0  # and back, for the tests that follow
 
 
+def test_a_test_vocabulary_of_its_own_reuses_the_detector_and_scores_by_name(world: dict, tmp_path: Path):
+    out = world["root"] / "transfer" / "clip"
+    if not (out / "model.safetensors").is_file():
+        assert transfer_pipeline.main(world["argv"]) == 0
+    model_time = (out / "model.safetensors").stat().st_mtime_ns
+    val = json.loads((world["root"] / "emojiworld" / "val.json").read_text())
+    kept = val["categories"][:2]  # two categories of the json, in reverse order, and a distractor
+    names = tmp_path / "names.txt"
+    names.write_text(f"{kept[1]['name']}\nflying saucer\n{kept[0]['name']}\n")
+    assert transfer_pipeline.main([*world["argv"], f"transfer.vocabulary={names}"]) == 0
+    assert (out / "model.safetensors").stat().st_mtime_ns == model_time  # evaluation only
+    found = {d["category_id"] for d in json.loads((out / "detections.json").read_text())}
+    assert found and found <= {kept[0]["id"], kept[1]["id"]}
+    metrics = _metrics(out)
+    assert set(metrics["AP50_per_class"]) <= {str(c["id"]) for c in val["categories"]}
+    names.write_text("flying saucer\n")
+    assert transfer_pipeline.main([*world["argv"], f"transfer.vocabulary={names}"]) == 1
+    assert transfer_pipeline.main(world["argv"]) == 0  # and back, for the tests that follow
+
+
 def test_trainable_rpn_head_trains_and_evaluates(world: dict):
     argv = [*world["argv"], "transfer.tag=rpnhead", "transfer.proposals=trainable",
             "transfer.rpn_anchor_sizes=[16,32]", "transfer.rpn_post_nms_top_n_test=50", "transfer.steps=2"]  # fmt: skip

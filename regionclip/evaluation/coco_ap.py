@@ -179,8 +179,9 @@ def ap_summary(
     metrics: Mapping[str, Any], categories: Sequence[Mapping[str, Any]], splits: Mapping[str, Sequence[int]]
 ) -> dict[str, Any]:
     """The metrics block of a detector run from :func:`coco_ap_by_split`'s ``metrics``:
-    ``AP50_{all,base,novel}``, ``AP`` per split, the 12 COCO stats, how many classes of each split
-    have boxes, and per-class AP50 (fractions)."""
+        ``AP50_{all,base,novel}``, ``AP`` per split, the 12 COCO stats, how many classes of each split
+        have boxes, and per-class AP50 (fractions); LVIS metrics carry ``lvis`` (AP, APr, APc, APf, ...)
+    instead of ``coco``."""
     with_gt = metrics["per_category_AP50"]
     groups = {
         "all": [int(c["id"]) for c in categories],
@@ -189,7 +190,7 @@ def ap_summary(
     return {
         **{f"AP50_{s}": metrics["AP50"].get(s) for s in ("all", "base", "novel")},
         "AP": metrics["AP"],
-        "coco": metrics["coco"],
+        **{k: metrics[k] for k in ("coco", "lvis") if k in metrics},  # the evaluator's own stats
         "classes_with_boxes": {s: sum(c in with_gt for c in ids) for s, ids in groups.items()},
         "AP50_per_class": {str(c): v for c, v in with_gt.items()},
     }

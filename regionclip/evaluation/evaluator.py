@@ -2,7 +2,8 @@
 
 An evaluator is fed one image's detections at a time (:meth:`process`) and then reports
 (:meth:`evaluate`). :class:`COCOEvaluator` keeps COCO results and scores them with COCO box AP per
-category split; an LVIS evaluator (AP, APr, APc, APf) fits the same interface.
+category split, :class:`LVISEvaluator` with LVIS box AP (AP, APr, APc, APf); :func:`evaluator_for`
+picks the one the json's format asks for.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor
 
 from regionclip.evaluation.coco_ap import coco_ap_by_split
+from regionclip.evaluation.lvis_ap import LVIS_MAX_DETS, is_lvis_format, lvis_ap_by_split
+from regionclip.utils import read_json
 
 
 def to_coco_results(
@@ -70,3 +74,88 @@ class COCOEvaluator:
     def evaluate(self) -> dict[str, Any]:
         """:func:`~regionclip.evaluation.coco_ap.coco_ap_by_split` of the results."""
         return coco_ap_by_split(self.gt, self.results, self.splits)
+
+
+class LVISEvaluator(COCOEvaluator):
+    """LVIS box AP (federated, at most ``max_dets`` detections per image) of the processed
+    detections, overall and per split; ``gt`` in LVIS format (json path or parsed dict)."""
+
+    def __init__(
+        self,
+        gt: str | os.PathLike | Mapping[str, Any],
+        category_ids: Sequence[int],
+        splits: Mapping[str, Sequence[int]],
+        max_dets: int = LVIS_MAX_DETS,
+    ):
+        super().__init__(gt, category_ids, splits)
+        self.max_dets = max_dets
+
+    def evaluate(self) -> dict[str, Any]:
+        """:func:`~regionclip.evaluation.lvis_ap.lvis_ap_by_split` of the results."""
+        gt = self.gt if isinstance(self.gt, Mapping) else read_json(self.gt, "LVIS json")
+        return lvis_ap_by_split(gt, self.results, self.splits, self.max_dets)
+
+
+def evaluator_for(
+    gt: str | os.PathLike | Mapping[str, Any],
+    category_ids: Sequence[int],
+    splits: Mapping[str, Sequence[int]],
+) -> COCOEvaluator:
+    """:class:`LVISEvaluator` for a json in LVIS format (categories with ``frequency``, images with
+    ``neg_category_ids`` / ``not_exhaustive_category_ids``), else :class:`COCOEvaluator`."""
+    dataset = gt if isinstance(gt, Mapping) else read_json(gt, "ground-truth json")
+    kind = LVISEvaluator if is_lvis_format(dataset) else COCOEvaluator
+    return kind(dataset, category_ids, splits)
+
+
+def normalized_name(name: str) -> str:
+    return " ".join(name.lower().split())
+
+
+def vocabulary_classes(vocabulary: Sequence[str], categories: Sequence[str], where: str) -> torch.Tensor:
+    """``[V]`` int64: the index in ``categories`` (a json's names) of each ``vocabulary`` name,
+    -1 for a distractor (no category of that name). Names match ignoring case and repeated
+    spaces; categories missing from the vocabulary cannot be predicted (their boxes count as
+    misses).
+
+    Raises:
+        ValueError: a name repeated in the vocabulary, or no category of ``where`` in it.
+    """
+    index = {normalized_name(c): i for i, c in enumerate(categories)}
+    seen: set[str] = set()
+    for name in vocabulary:
+        key = normalized_name(name)
+        if key in seen:
+            raise ValueError(f"vocabulary: {name!r} appears twice")
+        seen.add(key)
+    classes = torch.tensor([index.get(normalized_name(n), -1) for n in vocabulary], dtype=torch.int64)
+    if not bool((classes >= 0).any()):
+        raise ValueError(
+            f"vocabulary: none of its {len(vocabulary)} names is a category of {where} "
+            f"(e.g. {', '.join(list(categories)[:3])})"
+        )
+    return classes
+
+
+class VocabularyMapped:
+    """An evaluator fed class indices into a vocabulary of its own (:func:`vocabulary_classes`):
+    labels become the json's class indices, detections of distractors are left out (no category
+    is theirs; they have competed for every box already)."""
+
+    def __init__(self, inner: COCOEvaluator, vocab_classes: Tensor):
+        self.inner, self.vocab_classes = inner, vocab_classes
+
+    @property
+    def results(self) -> list[dict[str, Any]]:
+        return self.inner.results
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def process(self, image_id: Any, boxes: Tensor, scores: Tensor, labels: Tensor) -> None:
+        classes = self.vocab_classes.to(labels.device)[labels]
+        keep = classes >= 0
+        self.inner.process(image_id, boxes[keep], scores[keep], classes[keep])
+
+    def evaluate(self) -> dict[str, Any]:
+        return self.inner.evaluate()

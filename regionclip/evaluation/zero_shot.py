@@ -3,8 +3,8 @@
 - :func:`region_accuracy`: ground-truth boxes classified by their RoI-pooled region embeddings
   (top-1 / top-5 per category split);
 - :func:`detect` / :func:`zero_shot_detection`: RPN proposals classified the same way, no box
-  regression, per-class NMS (RegionCLIP's zero-shot inference), scored by
-  :class:`~regionclip.evaluation.evaluator.COCOEvaluator`.
+  regression, per-class NMS (RegionCLIP's zero-shot inference), scored by COCO or LVIS box AP
+  (:func:`~regionclip.evaluation.evaluator.evaluator_for`).
 
 Class index i always means the json's i-th category (file order).
 """
@@ -27,7 +27,7 @@ from tqdm import tqdm
 from regionclip.data.coco import CocoSet, category_splits, read_coco
 from regionclip.data.images import UNREADABLE, load_rgb
 from regionclip.data.sample_errors import SampleErrors, error_record
-from regionclip.evaluation.evaluator import COCOEvaluator
+from regionclip.evaluation.evaluator import VocabularyMapped, evaluator_for, vocabulary_classes
 from regionclip.models.loading import LoadedClip
 from regionclip.models.preprocess import pil_to_tensor
 from regionclip.models.region import encode_regions
@@ -57,10 +57,16 @@ def read_images(
     return kept, images
 
 
-def topk_hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool [R]: whether ``labels`` [R] is among the ``k`` largest of ``logits`` [R, C] per row."""
-    k = min(k, logits.shape[1])
-    return (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
+def topk_hits(
+    logits: torch.Tensor, labels: torch.Tensor, k: int, vocab_classes: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Bool [R]: whether ``labels`` [R] is among the ``k`` largest of ``logits`` [R, V] per row;
+    with ``vocab_classes`` [V] (the class of each vocabulary entry, -1 = distractor) the top-k
+    vocabulary entries are mapped to classes first."""
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    if vocab_classes is not None:
+        top = vocab_classes.to(top.device)[top]
+    return (top == labels[:, None]).any(dim=1)
 
 
 @torch.no_grad()
@@ -75,12 +81,15 @@ def region_accuracy(
     batch_size: int = 8,
     errors: SampleErrors | None = None,
     precision: str = "fp32",
+    vocabulary: Sequence[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Zero-shot classification of the json's GT boxes by their region embeddings.
 
     Each image goes through the model whole (detection size), GT boxes are RoI-pooled
     (:func:`regionclip.models.region.encode_regions`) and classified by cosine similarity with
-    ``class_embeddings`` [C, D] (row i = the json's i-th category; normalised here).
+    ``class_embeddings`` [V, D] (normalised here): row i = the json's i-th category, or with
+    ``vocabulary`` (V names) any list of names, matched to the json's categories by name
+    (:func:`vocabulary_classes`); names that are no category are distractors.
 
     Args:
         splits: split name -> category ids; None = the json's ``split`` fields (if any).
@@ -89,18 +98,21 @@ def region_accuracy(
         precision: the region path's resolved compute precision (autocast); logits are fp32.
 
     Returns:
-        ``{split: {"top1", "top5" (fractions; None without boxes), "n" (boxes)}}``.
+        ``{split: {"top1", "top5" (fractions; None without boxes), "n" (boxes)}}`` and
+        ``"per_name"``: ``{category name: {"top1", "top5", "n"}}``, and ``"top1_predictions"``:
+        ``{vocabulary name: boxes whose top-1 it is}``.
     """
     data = coco_json if isinstance(coco_json, CocoSet) else read_coco(coco_json, image_root)
-    check_class_embeddings(
-        class_embeddings, model.embed_dim, len(data.categories), "class embeddings", data.json_path
-    )
+    vocab_classes = None if vocabulary is None else vocabulary_classes(vocabulary, data.names, data.json_path)
+    rows = len(data.categories) if vocab_classes is None else len(vocab_classes)
+    check_class_embeddings(class_embeddings, model.embed_dim, rows, "class embeddings",
+                           data.json_path if vocab_classes is None else "the vocabulary")  # fmt: skip
     if splits is None:
         splits = category_splits(data.categories)
     device = next(model.model.parameters()).device
     cls = F.normalize(class_embeddings.float(), dim=-1).to(device)
     images = [im for im in data.images if len(im.boxes)]
-    labels, top1, top5 = [], [], []
+    labels, top1, top5, predicted = [], [], [], []
     for start in tqdm(range(0, len(images), batch_size), desc="region accuracy", unit="batch"):
         batch = images[start : start + batch_size]
         kept, pil = read_images([im.path for im in batch], errors, data.json_path)
@@ -113,8 +125,9 @@ def region_accuracy(
         logits = F.normalize(torch.cat(emb).float(), dim=-1) @ cls.T
         y = torch.cat([batch[i].labels for i in kept]).to(logits.device)
         labels.append(y.cpu())
-        top1.append(topk_hits(logits, y, 1).cpu())
-        top5.append(topk_hits(logits, y, 5).cpu())
+        top1.append(topk_hits(logits, y, 1, vocab_classes).cpu())
+        top5.append(topk_hits(logits, y, 5, vocab_classes).cpu())
+        predicted.append(logits.argmax(dim=1).cpu())
     y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
     hit1 = torch.cat(top1) if top1 else torch.zeros(0, dtype=torch.bool)
     hit5 = torch.cat(top5) if top5 else torch.zeros(0, dtype=torch.bool)
@@ -129,6 +142,17 @@ def region_accuracy(
             "top5": float(hit5[mask].float().mean()) if n else None,
             "n": n,
         }
+    per_name = {}
+    for k, cat in enumerate(data.names):
+        mask = y == k
+        n = int(mask.sum())
+        per_name[cat] = {"top1": float(hit1[mask].float().mean()) if n else None,
+                         "top5": float(hit5[mask].float().mean()) if n else None, "n": n}  # fmt: skip
+    top = torch.cat(predicted) if predicted else torch.zeros(0, dtype=torch.int64)
+    result["per_name"] = per_name
+    names = data.names if vocabulary is None else list(vocabulary)
+    counts = zip(*torch.unique(top, return_counts=True), strict=True)
+    result["top1_predictions"] = {names[int(v)]: int(c) for v, c in counts}
     return result
 
 
@@ -241,19 +265,26 @@ def zero_shot_detection(
     params: DetectionParams = DetectionParams(),
     batch_size: int = 8,
     errors: SampleErrors | None = None,
+    vocabulary: Sequence[str] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Zero-shot detection on every json image, scored by :class:`COCOEvaluator`.
+    """Zero-shot detection on every json image, scored by COCO or LVIS AP (:func:`evaluator_for`).
 
-    Returns ``(ap, results)``: the AP dict and the COCO detection results.
+    ``class_embeddings`` [V, D]: the json's categories in order, or the names of ``vocabulary``
+    (as in :func:`region_accuracy`): detections of a distractor name compete in the softmax and
+    are then left out, as no category is theirs. Returns ``(ap, results)``: the AP dict and the
+    COCO detection results.
     """
     data = coco_json if isinstance(coco_json, CocoSet) else read_coco(coco_json, image_root)
-    check_class_embeddings(
-        class_embeddings, model.embed_dim, len(data.categories), "class embeddings", data.json_path
-    )
+    vocab_classes = None if vocabulary is None else vocabulary_classes(vocabulary, data.names, data.json_path)
+    rows = len(data.categories) if vocab_classes is None else len(vocab_classes)
+    check_class_embeddings(class_embeddings, model.embed_dim, rows, "class embeddings",
+                           data.json_path if vocab_classes is None else "the vocabulary")  # fmt: skip
     if splits is None:
         splits = category_splits(data.categories)
     configure_rpn_for_inference(rpn, params)
-    evaluator = COCOEvaluator(data.coco_gt(), data.category_ids, splits)
+    evaluator = evaluator_for(data.coco_gt(), data.category_ids, splits)
+    if vocab_classes is not None:
+        evaluator = VocabularyMapped(evaluator, vocab_classes)
     for start in tqdm(range(0, len(data.images), batch_size), desc="zero-shot detection", unit="batch"):
         batch = data.images[start : start + batch_size]
         kept, pil = read_images([im.path for im in batch], errors, data.json_path)

@@ -155,6 +155,13 @@ def get_model_config(cfg: ClipModelConfig) -> dict[str, Any]:
     return copy.deepcopy(arch)
 
 
+QUICK_GELU_SUFFIX = "-quickgelu"
+
+
+def _without_quick_gelu(name: str) -> str:
+    return name.removesuffix(QUICK_GELU_SUFFIX)
+
+
 def _needs_quick_gelu(cfg: ClipModelConfig, kind: str) -> bool:
     # OpenAI's weights were trained with QuickGELU; open_clip's plain "RN50" config uses nn.GELU.
     if kind == "torchscript":
@@ -225,7 +232,7 @@ def load_clip(cfg: ClipModelConfig, device: str | torch.device = "cpu") -> Loade
     if kind == "checkpoint_dir":
         folder = Path(cfg.pretrained)
         saved_name = _read_dir_config(folder).get("regionclip", {}).get("model")
-        if saved_name and saved_name != cfg.model:
+        if saved_name and _without_quick_gelu(saved_name) != _without_quick_gelu(cfg.model):
             raise ValueError(
                 f"{folder}: checkpoint holds model {saved_name!r} but the config says {cfg.model!r}; set model={saved_name}"
             )
@@ -377,7 +384,12 @@ def save_clip_checkpoint(
         k: list(v) if isinstance(v, tuple) else v
         for k, v in open_clip.get_model_preprocess_cfg(model).items()
     }
-    conf = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg, "regionclip": extra or {}}
+    extra = dict(extra or {})
+    if model_cfg.get("quick_gelu") and "model" in extra and not extra["model"].endswith(QUICK_GELU_SUFFIX):
+        # open_clip's names for QuickGELU builds (RN50-quickgelu): loading by the plain name
+        # (open_clip.create_model("RN50", pretrained=<weights>)) would silently build nn.GELU
+        extra["model"] += QUICK_GELU_SUFFIX
+    conf = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg, "regionclip": extra}
     state = {
         k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
         for k, v in model.state_dict().items()

@@ -1,9 +1,11 @@
 """`detect`: zero-shot open-vocabulary detection on image files (RPN proposals classified against a
 GLIP-style prompt's class names, no box regression, per-class NMS).
 
-Writes ``<out>/detections.json`` (COCO results plus the image list and the prompt's categories)
-and ``<out>/<image stem>.png`` with boxes, labels and scores drawn. Unreadable images are skipped
-with a warning.
+Writes ``<out>/detections.json`` (a COCO results array: ``image_id``, ``category_id``, ``bbox``
+``[x, y, w, h]``, ``score``), beside it ``<out>/images.json`` (a COCO file without annotations: the
+images and the prompt's categories the ids refer to, and under ``info`` the model, RPN and
+parameters), and ``<out>/<image stem>.png`` with boxes, labels and scores drawn. Unreadable images
+are skipped with a warning.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from regionclip.models.rpn import ProposalNetwork, load_rpn
 from regionclip.text import class_embeddings_for
 from regionclip.utils import atomic_write_json
 from regionclip.viz import draw_detections, save_png
+
+IMAGES_FILE = "images.json"
 
 
 def png_names(paths: Sequence[Path]) -> list[str]:
@@ -73,14 +77,14 @@ def detect_files(
     summary = {"images": len(images_meta), "detections": len(results), "unreadable": unreadable,
                "seconds": seconds, "json": str(out_dir / "detections.json")}  # fmt: skip
     if images_meta:
-        atomic_write_json(out_dir / "detections.json", {
+        # COCO(images.json).loadRes(detections.json) then works as for any COCO results file
+        atomic_write_json(out_dir / IMAGES_FILE, {
+            "info": {**(source or {}), "params": asdict(params), "templates": templates},
             "images": images_meta,
             "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)],
-            "detections": results,
-            **(source or {}),
-            "params": asdict(params),
-            "templates": templates,
+            "annotations": [],
         })  # fmt: skip
+        atomic_write_json(out_dir / "detections.json", results)
     return summary
 
 

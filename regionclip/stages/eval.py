@@ -9,6 +9,7 @@ section and the model, RPN, json and vocabulary files it names) is skipped.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,13 +21,20 @@ from regionclip.config import ClipModelConfig, EvalConfig, section_hash, to_dict
 from regionclip.data.coco import category_splits, read_coco
 from regionclip.data.sample_errors import SampleErrors
 from regionclip.engine.run_cache import file_digest, finished, run_hash
-from regionclip.evaluation.zero_shot import DetectionParams, region_accuracy, zero_shot_detection
+from regionclip.evaluation.evaluator import vocabulary_classes
+from regionclip.evaluation.zero_shot import (
+    DetectionParams,
+    region_accuracy,
+    zero_shot_detection,
+)
 from regionclip.models.loading import WEIGHTS_FILE, load_clip
 from regionclip.models.rpn import WEIGHTS_FILE as RPN_WEIGHTS_FILE
 from regionclip.models.rpn import load_rpn
 from regionclip.precision import resolve_precision
 from regionclip.text import check_class_embeddings, class_embeddings_for, load_embeddings, read_names_file
 from regionclip.utils import atomic_write_json, require_writable
+
+log = logging.getLogger(__name__)
 
 
 def default_tag(model: ClipModelConfig) -> str:
@@ -81,7 +89,14 @@ def run_eval(ev: EvalConfig, device: torch.device) -> dict[str, Any] | None:
         names = read_names_file(ev.vocabulary) if ev.vocabulary else data.names
         vocab_source = ev.vocabulary or f"category names of {ev.json}"
         embeddings = class_embeddings_for(loaded, names, ev.templates, ev.cache_dir or None)
-    check_class_embeddings(embeddings, loaded.embed_dim, len(data.categories), vocab_source, ev.json)
+    check_class_embeddings(embeddings, loaded.embed_dim, len(names), vocab_source, vocab_source)
+    # a vocabulary of its own is matched to the json's categories by name; other names are distractors
+    vocabulary = None if list(names) == data.names else list(names)
+    matched = vocabulary_classes(names, data.names, ev.json)
+    missing = [c for k, c in enumerate(data.names) if k not in set(matched.tolist())]
+    if missing:
+        log.warning("eval: %d categories of %s are not in the vocabulary (their boxes count as misses): %s",
+                    len(missing), ev.json, ", ".join(missing[:10]))  # fmt: skip
     accuracy = region_accuracy(
         loaded,
         data,
@@ -93,6 +108,7 @@ def run_eval(ev: EvalConfig, device: torch.device) -> dict[str, Any] | None:
         ev.batch_size,
         errors,
         precision,
+        vocabulary,
     )
     detection = None
     if ev.rpn:
@@ -111,6 +127,7 @@ def run_eval(ev: EvalConfig, device: torch.device) -> dict[str, Any] | None:
             params,
             ev.batch_size,
             errors,
+            vocabulary,
         )
         det_file = Path(ev.out_dir) / f"{tag}.detections.json"
         atomic_write_json(det_file, results)
@@ -120,7 +137,13 @@ def run_eval(ev: EvalConfig, device: torch.device) -> dict[str, Any] | None:
         "model": loaded.identity,
         "json": ev.json,
         "images": len(data.images),
-        "vocabulary": {"source": vocab_source, "names": list(names), "templates": ev.templates},
+        "vocabulary": {
+            "source": vocab_source,
+            "names": list(names),
+            "templates": ev.templates,
+            "distractors": [n for n, k in zip(names, matched.tolist(), strict=True) if k < 0],
+            "categories_missing": missing,
+        },  # fmt: skip
         "splits": {name: len(ids) for name, ids in splits.items()},
         "region_accuracy": accuracy,
         "zero_shot_detection": detection,

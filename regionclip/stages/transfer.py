@@ -50,7 +50,12 @@ from regionclip.engine.run_cache import file_digest, finished, run_hash
 from regionclip.engine.schedule import Schedule
 from regionclip.errors import TransferError
 from regionclip.evaluation.coco_ap import ap_summary
-from regionclip.evaluation.evaluator import COCOEvaluator, DetectionEvaluator
+from regionclip.evaluation.evaluator import (
+    DetectionEvaluator,
+    VocabularyMapped,
+    evaluator_for,
+    vocabulary_classes,
+)
 from regionclip.labeling.proposals import NetworkProposals, PrecomputedProposals
 from regionclip.models.loading import WEIGHTS_FILE as CLIP_WEIGHTS_FILE
 from regionclip.models.loading import load_clip
@@ -65,7 +70,7 @@ from regionclip.models.rpn import CONFIG_FILE as RPN_CONFIG_FILE
 from regionclip.models.rpn import load_rpn
 from regionclip.models.towers import require_resnet
 from regionclip.precision import autocast, resolve_precision
-from regionclip.text import cached_class_embeddings, load_embeddings
+from regionclip.text import cached_class_embeddings, load_embeddings, read_names_file
 from regionclip.transfer.torchvision_rcnn import OpenVocabFasterRCNN, build_detector
 from regionclip.transfer.vocabulary import select_embeddings
 from regionclip.utils import atomic_output, atomic_write_json, require_writable
@@ -138,7 +143,7 @@ def resume_hash(cfg: TransferConfig, run_inputs: str) -> str:
     trajectory = replace(
         cfg, tag="", out_dir="", val_json="", num_workers=0, checkpoint_every=0, eval_batch_size=0,
         score_thresh=0.0, nms_thresh=0.0, detections_per_image=0, test_short_side=0,
-        multiply_rpn_score=False, diagnose_gt_boxes=False, detectron2_config="",
+        multiply_rpn_score=False, diagnose_gt_boxes=False, detectron2_config="", vocabulary="",
     )  # fmt: skip
     return run_hash(section_hash(trajectory), run_inputs)
 
@@ -283,7 +288,10 @@ def run_transfer(cfg: TransferConfig, device: torch.device, stop_after: int | No
     (``{"finished": False, ...}`` when ``stop_after`` stopped training early)."""
     out = Path(cfg.out_dir)
     inputs = run_inputs(cfg)
-    this_run = run_hash(section_hash(replace(cfg, num_workers=0, checkpoint_every=0)), inputs)
+    vocabulary_file = file_digest(Path(cfg.vocabulary)) if cfg.vocabulary else ""
+    this_run = run_hash(
+        section_hash(replace(cfg, num_workers=0, checkpoint_every=0)), inputs + vocabulary_file
+    )
     done = finished(out / METRICS_FILE, this_run)
     if done is not None:
         log.info("transfer: %s already holds results of this config; skipping", out)
@@ -297,7 +305,15 @@ def run_transfer(cfg: TransferConfig, device: torch.device, stop_after: int | No
 
     train_cats = read_categories(cfg.train_json, TransferError)
     val_cats = read_categories(cfg.val_json, TransferError)
-    names = list(dict.fromkeys([c["name"] for c in val_cats] + [c["name"] for c in train_cats]))
+    # test vocabulary: the val json's categories, or a list of names matched to them by name
+    test_names, vocab_classes = [c["name"] for c in val_cats], None
+    if cfg.vocabulary:
+        try:
+            test_names = read_names_file(cfg.vocabulary)
+            vocab_classes = vocabulary_classes(test_names, [c["name"] for c in val_cats], cfg.val_json)
+        except (OSError, ValueError) as e:
+            raise TransferError(f"transfer.vocabulary {cfg.vocabulary}: {e}") from None
+    names = list(dict.fromkeys(test_names + [c["name"] for c in train_cats]))
     torch.manual_seed(cfg.seed)  # a random init (tests, the untrained demo teacher) is then reproducible
     random.seed(cfg.seed)
     try:
@@ -310,7 +326,7 @@ def run_transfer(cfg: TransferConfig, device: torch.device, stop_after: int | No
         raise TransferError(f"transfer.init {loaded.weights_id}: {e}") from None
     emb, emb_names, source = class_embeddings(cfg, loaded, names)
     train_emb = select_embeddings(emb, emb_names, [c["name"] for c in train_cats], source, cfg.train_json)
-    val_emb = select_embeddings(emb, emb_names, [c["name"] for c in val_cats], source, cfg.val_json)
+    val_emb = select_embeddings(emb, emb_names, test_names, source, cfg.vocabulary or cfg.val_json)
     try:
         model = build_detector(loaded.model.visual, train_emb, cfg)
     except ValueError as e:
@@ -345,15 +361,20 @@ def run_transfer(cfg: TransferConfig, device: torch.device, stop_after: int | No
         })  # fmt: skip
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
 
-    # Test time: the whole vocabulary of the val json (base + novel).
+    # Test time: the whole vocabulary of the val json (base + novel), or transfer.vocabulary.
     model.classifier.set_embeddings(val_emb)
     val = read_coco(cfg.val_json, cfg.image_root, error=TransferError)
-    if model.num_classes != len(val_cats):
+    if model.num_classes != len(test_names):
         raise TransferError(
-            f"class-count mismatch: {len(val_cats)} categories for {model.num_classes} class embeddings"
+            f"class-count mismatch: {len(test_names)} test classes for {model.num_classes} class embeddings"
         )
     splits = category_splits(val_cats, train_json=cfg.train_json, error=TransferError)
-    evaluator = COCOEvaluator(cfg.val_json, [c["id"] for c in val_cats], splits)
+
+    def test_evaluator() -> DetectionEvaluator:
+        evaluator = evaluator_for(val.raw, [c["id"] for c in val_cats], splits)
+        return evaluator if vocab_classes is None else VocabularyMapped(evaluator, vocab_classes)
+
+    evaluator = test_evaluator()
     t0 = time.perf_counter()
     detect_images(model, rpn, val.images, evaluator, cfg, device)
     eval_seconds = time.perf_counter() - t0
@@ -364,7 +385,7 @@ def run_transfer(cfg: TransferConfig, device: torch.device, stop_after: int | No
         log.warning("transfer: no ground-truth-box diagnosis: a trainable RPN makes its own proposals")
     elif cfg.diagnose_gt_boxes:
         table = {im.file_name: (im.boxes, torch.ones(len(im.boxes))) for im in val.images}
-        gt_evaluator = COCOEvaluator(cfg.val_json, [c["id"] for c in val_cats], splits)
+        gt_evaluator = test_evaluator()
         detect_images(model, PrecomputedProposals(table, "val boxes"), val.images, gt_evaluator, cfg, device)
         gt_summary = ap_summary(gt_evaluator.evaluate(), val_cats, splits)
         gt_boxes = {k: gt_summary[k] for k in ("AP50_all", "AP50_base", "AP50_novel", "AP50_per_class")}
