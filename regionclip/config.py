@@ -317,6 +317,9 @@ class TransferConfig:
     templates: str = "ensemble"
     proposals: str = "frozen"  # frozen: the RPN in rpn_dir, as RegionCLIP | trainable: an RPN head on C4
     rpn_dir: str = "${rpn.out_dir}"
+    # frozen proposals from a file instead of the RPN: the rpn.precomputed format, keyed by each
+    # image's file_name in the train and val jsons (docs/custom-data.md)
+    precomputed: str = ""
     max_proposals: int = 0  # frozen RPN: keep the top-k by objectness per image (0 = all it returns)
     # frozen RPN, test time: score = sqrt(class score * objectness) (RegionCLIP's MULTIPLY_RPN_SCORE,
     # which it sets for LVIS and zero-shot inference on RPN boxes)

@@ -277,6 +277,32 @@ def test_a_test_vocabulary_of_its_own_reuses_the_detector_and_scores_by_name(wor
     assert transfer_pipeline.main(world["argv"]) == 0  # and back, for the tests that follow
 
 
+def test_bring_your_own_proposals_replace_the_rpn(world: dict, tmp_path: Path, capsys):
+    ew = world["root"] / "emojiworld"
+    table = {}
+    for name in ("det_train.json", "val.json"):
+        data = json.loads((ew / name).read_text())
+        for im in data["images"]:  # two boxes per image: the whole image and its top-left quarter
+            w, h = im["width"], im["height"]
+            table[im["file_name"]] = {"boxes": [[0, 0, w, h], [0, 0, w / 2, h / 2]], "scores": [0.9, 0.5]}
+    proposals = tmp_path / "proposals.json"
+    proposals.write_text(json.dumps(table))
+    argv = [*world["argv"], "transfer.tag=byo", f"transfer.precomputed={proposals}", "transfer.steps=1"]
+    assert transfer_pipeline.main(argv) == 0
+    out = world["root"] / "transfer" / "byo"
+    boxes = {tuple(d["bbox"]) for d in json.loads((out / "detections.json").read_text())}
+    assert 0 < len(boxes) <= 2 * 16  # at most the two given boxes per val image (moved by box regression)
+    some_val_image = json.loads((ew / "val.json").read_text())["images"][0]["file_name"]
+    del table[some_val_image]
+    proposals.write_text(json.dumps(table))
+    assert transfer_pipeline.main([*argv, "transfer.tag=byo-short"]) == 1  # refused before training
+    assert (
+        f"no proposals for 1 images of {ew / 'val.json'}, e.g. ['{some_val_image}']"
+        in capsys.readouterr().err
+    )
+    assert not (world["root"] / "transfer" / "byo-short" / "checkpoint").exists()
+
+
 def test_trainable_rpn_head_trains_and_evaluates(world: dict):
     argv = [*world["argv"], "transfer.tag=rpnhead", "transfer.proposals=trainable",
             "transfer.rpn_anchor_sizes=[16,32]", "transfer.rpn_post_nms_top_n_test=50", "transfer.steps=2"]  # fmt: skip

@@ -73,7 +73,7 @@ from regionclip.precision import autocast, resolve_precision
 from regionclip.text import cached_class_embeddings, load_embeddings, read_names_file
 from regionclip.transfer.torchvision_rcnn import OpenVocabFasterRCNN, build_detector
 from regionclip.transfer.vocabulary import select_embeddings
-from regionclip.utils import atomic_output, atomic_write_json, require_writable
+from regionclip.utils import atomic_output, atomic_write_json, read_json, require_writable
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,9 @@ def run_inputs(cfg: TransferConfig) -> str:
     init = Path(cfg.init.pretrained) if cfg.init.pretrained else None
     if init is not None and (init.is_dir() or init.is_file()):
         parts.append(file_digest(init / CLIP_WEIGHTS_FILE if init.is_dir() else init))
-    if cfg.proposals == "frozen":
+    if cfg.proposals == "frozen" and cfg.precomputed:
+        parts.append(file_digest(Path(cfg.precomputed)))
+    elif cfg.proposals == "frozen":
         rpn_json = Path(cfg.rpn_dir) / RPN_CONFIG_FILE
         parts.append(file_digest(rpn_json) if rpn_json.is_file() else "no-rpn")
     return "|".join(parts)
@@ -334,7 +336,22 @@ def run_transfer(cfg: TransferConfig, device: torch.device, stop_after: int | No
     init_identity = dict(loaded.identity)
     del loaded  # the text tower is no longer needed
     model.to(device)
-    rpn = NetworkProposals(load_rpn(cfg.rpn_dir, device), device) if cfg.proposals == "frozen" else None
+    rpn: ProposalFn | None = None
+    if cfg.proposals == "frozen" and cfg.precomputed:
+        rpn = PrecomputedProposals.from_file(cfg.precomputed)
+        for json_path in (cfg.train_json, cfg.val_json):  # before training, not at the first missing image
+            names = [
+                im.get("file_name")
+                for im in read_json(json_path, "COCO json", TransferError).get("images", [])
+            ]
+            missing = [n for n in names if n not in rpn.table]
+            if missing:
+                raise TransferError(
+                    f"transfer.precomputed {cfg.precomputed}: no proposals for {len(missing)} images of "
+                    f"{json_path}, e.g. {missing[:3]}"
+                )
+    elif cfg.proposals == "frozen":
+        rpn = NetworkProposals(load_rpn(cfg.rpn_dir, device), device)
 
     trajectory = resume_hash(cfg, inputs)  # a trained detector is reused when only evaluation changed
     trained = finished(out / MODEL_JSON, trajectory)
