@@ -12,8 +12,9 @@
 Detection follows the Hugging Face ``zero-shot-object-detection`` pipeline's call and output:
 ``candidate_labels``, ``threshold``, ``top_k``, a list of ``{"score", "label", "box"}`` with integer
 pixel boxes, highest score first. The model is any CLIP this project loads (an open_clip name with
-``pretrained``, a checkpoint folder, a weights file with ``model_config``); proposals come from an
-RPN folder written by ``make rpn``.
+``pretrained``, a checkpoint folder, a weights file with ``model_config``), with proposals from an
+RPN folder written by ``make rpn``; or a detector folder written by ``make transfer``, which brings
+its own RPN, box regression and test settings (names are embedded by the CLIP it was trained from).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +33,8 @@ from regionclip.models.loading import LoadedClip, load_clip, model_config_for
 from regionclip.models.region import encode_regions
 from regionclip.models.rpn import ProposalNetwork, load_rpn
 from regionclip.precision import resolve_precision
+from regionclip.stages.transfer import MODEL_JSON as DETECTOR_RECORD
+from regionclip.stages.transfer import TrainedDetector, detect_pil, load_detector
 from regionclip.text import class_embeddings_for
 from regionclip.utils import resolve_device
 
@@ -74,6 +78,7 @@ class RegionCLIP:
     ):
         self.model, self.params, self.templates = model, params or DetectionParams(), templates
         self.rpn = configure_rpn_for_inference(rpn, self.params) if rpn is not None else None
+        self.detector: TrainedDetector | None = None  # set by from_pretrained for a detector folder
         self._class_embeddings: dict[tuple[str, ...], torch.Tensor] = {}
 
     @classmethod
@@ -93,6 +98,11 @@ class RegionCLIP:
         fields (e.g. ``short_side=128, max_side=213`` for small images)."""
         device = resolve_device(device) if isinstance(device, str) else device
         params["precision"] = resolve_precision(params.get("precision", "fp32"), device, "precision")
+        if (Path(model) / DETECTOR_RECORD).is_file():  # a detector folder of `make transfer`
+            detector = load_detector(model, device)
+            out = cls(detector.text_model, None, DetectionParams(**params), templates)
+            out.detector = detector
+            return out
         loaded = load_clip(model_config_for(str(model), model_config, pretrained), device)
         network = load_rpn(rpn, device) if rpn is not None else None
         return cls(loaded, network, DetectionParams(**params), templates)
@@ -114,7 +124,7 @@ class RegionCLIP:
         """Detect ``candidate_labels`` in one image (a list of detections) or in a list of images
         (a list per image). Scores are class probabilities over the candidate labels (times the
         RPN's objectness under a square root when ``multiply_rpn_score``)."""
-        if self.rpn is None:
+        if self.rpn is None and self.detector is None:
             raise ValueError("this RegionCLIP has no RPN: load it with rpn=<folder written by `make rpn`>")
         names = [str(n) for n in candidate_labels]
         if not names:
@@ -126,9 +136,13 @@ class RegionCLIP:
         params = dataclasses.replace(
             self.params, score_thresh=threshold, max_dets=max(self.params.max_dets, top_k or 0)
         )
-        found = detect(
-            self.model, self.rpn, [im.convert("RGB") for im in batch], self.class_embeddings(names), params
-        )
+        rgb = [im.convert("RGB") for im in batch]
+        if self.detector is not None:  # its own test settings; threshold applies on top of its score_thresh
+            device = next(self.detector.model.parameters()).device
+            found = [(b[s > threshold], s[s > threshold], lab[s > threshold])
+                     for b, s, lab in detect_pil(self.detector, rgb, self.class_embeddings(names), device)]  # fmt: skip
+        else:
+            found = detect(self.model, self.rpn, rgb, self.class_embeddings(names), params)
         out = [hf_detections(b, s, lab, names, top_k) for b, s, lab in found]
         return out[0] if single else out
 
@@ -137,7 +151,8 @@ class RegionCLIP:
         self, image: Image.Image, boxes: Sequence[Sequence[float]] | torch.Tensor
     ) -> torch.Tensor:
         """L2-normalised embeddings ``[N, D]`` of ``boxes`` (``[N, 4]`` x0 y0 x1 y1, image pixels),
-        in the space of :meth:`class_embeddings` (cosine = region–text similarity)."""
+        in the space of :meth:`class_embeddings` (cosine = region–text similarity); for a detector
+        folder, of its init CLIP (the student it was trained from)."""
         boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
         (emb,) = encode_regions(
             self.model.model, [image.convert("RGB")], [boxes], self.params.short_side, self.params.max_side,

@@ -538,6 +538,16 @@ def check_values(cfg: ExperimentConfig, source: str) -> None:
         )
 
 
+def from_dict(schema: type[T], data: dict[str, Any], source: str) -> T:
+    """A config section of ``schema`` from a plain dict (what :func:`to_dict` wrote into a run's
+    record); unknown keys and wrong types raise :class:`ConfigError` naming ``source``."""
+    conf = _merge(OmegaConf.structured(schema), data, source)
+    try:
+        return OmegaConf.to_object(conf)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict of a (resolved) config section."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

@@ -11,6 +11,7 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from data_prep import emojiworld
 from pipelines import transfer as transfer_pipeline
@@ -301,6 +302,27 @@ def test_bring_your_own_proposals_replace_the_rpn(world: dict, tmp_path: Path, c
         in capsys.readouterr().err
     )
     assert not (world["root"] / "transfer" / "byo-short" / "checkpoint").exists()
+
+
+def test_a_detector_folder_in_the_python_api_detects_as_the_stage_did(world: dict):
+    from regionclip import RegionCLIP
+
+    out = world["root"] / "transfer" / "clip"
+    if not (out / "model.safetensors").is_file():
+        assert transfer_pipeline.main(world["argv"]) == 0
+    val = json.loads((world["root"] / "emojiworld" / "val.json").read_text())
+    first = val["images"][0]
+    stage = sorted((d for d in json.loads((out / "detections.json").read_text()) if d["image_id"] == first["id"]),
+                   key=lambda d: -d["score"])  # fmt: skip
+    api = RegionCLIP.from_pretrained(out, device="cpu", templates="single")
+    image = Image.open(world["root"] / "emojiworld" / "images" / first["file_name"])
+    found = api(image, candidate_labels=[c["name"] for c in val["categories"]], threshold=0.0, top_k=5)
+    names = {c["id"]: c["name"] for c in val["categories"]}
+    assert [d["label"] for d in found] == [names[d["category_id"]] for d in stage[:5]]
+    assert [d["score"] for d in found] == pytest.approx([d["score"] for d in stage[:5]], abs=1e-4)
+    assert [d["box"]["xmin"] for d in found] == [int(d["bbox"][0] + 1e-3) for d in stage[:5]]
+    few = api(image, candidate_labels=[names[stage[0]["category_id"]], "flying saucer"], threshold=0.0)
+    assert {d["label"] for d in few} <= {names[stage[0]["category_id"]], "flying saucer"}
 
 
 def test_trainable_rpn_head_trains_and_evaluates(world: dict):

@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from regionclip.config import TransferConfig, section_hash, to_dict
+from regionclip.config import TransferConfig, from_dict, section_hash, to_dict
 from regionclip.data.coco import CocoImage, CocoSet, category_splits, read_categories, read_coco
 from regionclip.data.detection import BoxImages, StepSampler
 from regionclip.data.images import UNREADABLE, load_rgb
@@ -58,7 +58,7 @@ from regionclip.evaluation.evaluator import (
 )
 from regionclip.labeling.proposals import NetworkProposals, PrecomputedProposals
 from regionclip.models.loading import WEIGHTS_FILE as CLIP_WEIGHTS_FILE
-from regionclip.models.loading import load_clip
+from regionclip.models.loading import LoadedClip, load_clip
 from regionclip.models.preprocess import (
     CLIP_MEAN,
     CLIP_STD,
@@ -283,6 +283,75 @@ def _train_set(cfg: TransferConfig) -> CocoSet:
     for line in data.skipped.report_lines()[1:] if data.skipped.total else []:
         log.info("transfer: %s", line)
     return data
+
+
+@dataclass
+class TrainedDetector:
+    """A detector folder written by ``make transfer``, ready for any vocabulary."""
+
+    model: OpenVocabFasterRCNN  # eval mode
+    text_model: LoadedClip  # the init CLIP: its text tower embeds new class names
+    proposals: ProposalFn | None  # the frozen RPN (None: the detector's own trainable RPN)
+    cfg: TransferConfig
+
+
+def load_detector(folder: str | Path, device: torch.device) -> TrainedDetector:
+    """Load the detector in ``folder`` (``model.json`` + ``model.safetensors``) with its init CLIP
+    and the RPN folder it was trained with.
+
+    Raises:
+        TransferError: not a finished detector folder, or its inputs are gone.
+    """
+    folder = Path(folder)
+    record = read_json(folder / MODEL_JSON, "detector record", TransferError)
+    if not isinstance(record, dict) or record.get("format") != FORMAT or not (folder / MODEL_FILE).is_file():
+        raise TransferError(
+            f"{folder}: not a detector folder written by `make transfer` ({MODEL_JSON} + {MODEL_FILE})"
+        )
+    cfg = from_dict(TransferConfig, record["config"], f"{folder / MODEL_JSON} config")
+    if cfg.proposals == "frozen" and cfg.precomputed:
+        raise TransferError(
+            f"{folder}: trained on precomputed proposals ({cfg.precomputed}); new images need an RPN"
+        )
+    torch.manual_seed(cfg.seed)  # as run_transfer: a random init is then the same model
+    try:
+        loaded = load_clip(cfg.init, device)
+    except (ValueError, OSError) as e:
+        raise TransferError(f"{folder}: its init model: {e}") from None
+    if loaded.weights_id != record.get("init", {}).get("weights_id"):
+        raise TransferError(
+            f"{folder}: trained from {record.get('init', {}).get('weights_id')} but {cfg.init.pretrained or 'its init'} "
+            f"now holds {loaded.weights_id}; the text embeddings would not match the detector"
+        )
+    placeholder = torch.zeros(len(record["train_categories"]), loaded.embed_dim)  # replaced per call
+    model = build_detector(loaded.model.visual, placeholder, cfg)
+    model.load_state_dict(safetensors.torch.load_file(str(folder / MODEL_FILE), device=str(device)))
+    proposals = NetworkProposals(load_rpn(cfg.rpn_dir, device), device) if cfg.proposals == "frozen" else None
+    return TrainedDetector(model.to(device).eval(), loaded, proposals, cfg)
+
+
+@torch.no_grad()
+def detect_pil(
+    detector: TrainedDetector, images: Sequence[Image.Image], class_embeddings: Tensor, device: torch.device
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """``(boxes [K, 4] in original pixels, scores [K], class indices [K])`` per PIL image, for the
+    vocabulary of ``class_embeddings`` [C, D], at the detector's own test settings."""
+    cfg, model = detector.cfg, detector.model
+    model.classifier.set_embeddings(class_embeddings.to(device))
+    out = []
+    for pil in images:
+        pil = pil.convert("RGB")
+        prep = prepare(pil, cfg.test_short_side, cfg.max_side, detector.proposals is not None)
+        tensor, image_sizes = batch_images([prep.image])
+        proposals, objectness = proposals_for(detector.proposals, [""], [prep], cfg.max_proposals, device)
+        with autocast(resolve_precision(cfg.precision, device, "transfer.precision"), device):
+            (det,) = model(tensor.to(device), image_sizes, proposals,
+                           objectness=objectness if cfg.multiply_rpn_score else None)  # fmt: skip
+        boxes = (det["boxes"].float().cpu() / prep.scale).clamp(min=0)
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(max=pil.width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(max=pil.height)
+        out.append((boxes, det["scores"].float().cpu(), det["labels"].cpu()))
+    return out
 
 
 def run_transfer(cfg: TransferConfig, device: torch.device, stop_after: int | None = None) -> dict[str, Any]:
