@@ -1,15 +1,16 @@
 """Export a student (or any CLIP ResNet) as a Detectron2 checkpoint for the Detectron2 route.
 
     python -m pipelines.export_detectron2 --student DIR --out model.pth [--class-json JSON ...]
-        [--model NAME] [--model-config JSON] [--templates ensemble|single]
+        [--names FILE ...] [--model NAME] [--model-config JSON] [--templates ensemble|single]
 
 ``--student``: a checkpoint folder from pretraining (the model name is read from it), or a
 state-dict file / open_clip pretrained tag together with ``--model`` (and ``--model-config`` for
 a custom architecture). Writes ``model.pth`` (``{"model": {"backbone.*": tensor}}``, loadable
 with ``torch.load(weights_only=True)``), ``model.open_clip.json`` (the architecture, for
 ``MODEL.CLIP.OPENCLIP_MODEL_CONFIG``) and, with ``--class-json``, the category names of those
-COCO jsons embedded by the model's text tower (``model.class_embeddings.safetensors``, for
-``MODEL.CLIP.TEXT_EMB_PATH``). Does not need Detectron2. Exit status: 0 done, 1 bad input,
+COCO jsons (and with ``--names`` the names of those files, one per line, e.g. a test
+vocabulary with distractors for ``MODEL.CLIP.TEST_VOCABULARY``) embedded by the model's text tower
+(``model.class_embeddings.safetensors``, for ``MODEL.CLIP.TEXT_EMB_PATH``). Does not need Detectron2. Exit status: 0 done, 1 bad input,
 2 bad arguments. See docs/detectron2.md.
 """
 
@@ -38,8 +39,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model-config", default="", help="JSON registering a custom architecture as --model"
     )
-    parser.add_argument("--class-json", action="append", default=[], metavar="JSON",
-                        help="COCO json whose category names to embed (repeatable)")  # fmt: skip
+    parser.add_argument(
+        "--class-json",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help="COCO json whose category names to embed (repeatable)",
+    )
+    parser.add_argument("--names", action="append", default=[], metavar="FILE",
+                        help="file of further names to embed, one per line (repeatable)")  # fmt: skip
     parser.add_argument(
         "--templates", default="ensemble", help="prompt templates: ensemble (CLIP's 80 + '{}.') or single"
     )
@@ -56,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         parser.error(f"--model is required: {args.student} is not a checkpoint folder that names its model")
     try:
-        summary = export_student(source, args.out, args.class_json, args.templates)
+        summary = export_student(source, args.out, args.class_json, args.templates, args.names)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -34,7 +34,7 @@ from regionclip.models.region import encode_regions
 from regionclip.models.rpn import ProposalNetwork, load_rpn
 from regionclip.precision import resolve_precision
 from regionclip.stages.transfer import MODEL_JSON as DETECTOR_RECORD
-from regionclip.stages.transfer import TrainedDetector, detect_pil, load_detector
+from regionclip.stages.transfer import TrainedDetector, detect_pil, load_detector, region_embeddings_pil
 from regionclip.text import class_embeddings_for
 from regionclip.utils import resolve_device
 
@@ -152,8 +152,11 @@ class RegionCLIP:
     ) -> torch.Tensor:
         """L2-normalised embeddings ``[N, D]`` of ``boxes`` (``[N, 4]`` x0 y0 x1 y1, image pixels),
         in the space of :meth:`class_embeddings` (cosine = region–text similarity); for a detector
-        folder, of its init CLIP (the student it was trained from)."""
+        folder, from the detector's own backbone and box head (what its classifier scores)."""
         boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        if self.detector is not None:
+            device = next(self.detector.model.parameters()).device
+            return region_embeddings_pil(self.detector, image, boxes, device)
         (emb,) = encode_regions(
             self.model.model, [image.convert("RGB")], [boxes], self.params.short_side, self.params.max_side,
             normalize=True,

@@ -392,6 +392,9 @@ class EvalConfig:
     novel: list[str] = field(default_factory=list)  # novel names when the json's categories lack "split"
     cache_dir: str = "${output_dir}/eval/cache"  # class embeddings per (model, names, templates); empty = off
     rpn: str = "${rpn.out_dir}"  # trained RPN folder; empty = skip zero-shot detection
+    # your own proposals instead of the RPN: the rpn.precomputed format keyed by each image's
+    # file_name in `json`; the rpn_topk highest scores per image are used, as objectness
+    precomputed: str = ""
     rpn_nms: float = 0.9  # RegionCLIP zero-shot proposal NMS ("following ViLD")
     rpn_topk: int = 1000  # proposals per image after NMS; 0 = the RPN's own setting
     short_side: int = 800

@@ -387,3 +387,40 @@ def test_two_iterations_then_eval_only_from_the_saved_model(world: dict, tmp_pat
     assert again["AP50_all"] == pytest.approx(metrics["AP50_all"]) and again["eval"] == metrics["eval"]
     assert not torch.equal(trained["backbone.layer4.0.conv1.weight"],
                            torch.load(world["ckpt"], weights_only=True)["model"]["backbone.layer4.0.conv1.weight"])  # fmt: skip
+
+
+def test_eval_only_on_an_lvis_json_with_a_vocabulary_of_its_own(world: dict, tmp_path: Path, capsys):
+    from data_prep import lvis_format
+
+    ew = world["ew"]
+    lvis_json = tmp_path / "val_lvis.json"
+    assert lvis_format.main(["--json", str(ew / "val.json"), "--train-json", str(ew / "det_train.json"),
+                             "--out", str(lvis_json)]) == 0  # fmt: skip
+    val = json.loads((ew / "val.json").read_text())
+    novel = next(c for c in val["categories"] if c["split"] == "novel")
+    base = next(c for c in val["categories"] if c["split"] == "base")
+    names = tmp_path / "names.txt"
+    names.write_text(f"{novel['name']}\nflying saucer\n{base['name']}\n")
+    ckpt = tmp_path / "export" / "student.pth"  # its embeddings hold the vocabulary's names
+    assert export_cli.main(["--student", str(world["root"] / "student"), "--out", str(ckpt),
+                            "--names", str(names), "--templates", "single"]) == 0  # fmt: skip
+    datasets = [
+        ["rc_emoji_train", str(ew / "det_train.json"), str(ew / "images")],
+        ["rc_emoji_val_lvis", str(lvis_json), str(ew / "images")],
+    ]
+    opts = _opts(world, tmp_path / "eval", **{
+        "DATASETS.REGISTER_COCO": repr(datasets), "DATASETS.TEST": "('rc_emoji_val_lvis',)",
+        "MODEL.CLIP.OPENSET_TEST_TEXT_EMB_PATH": str(ckpt).replace(".pth", ".class_embeddings.safetensors"),
+        "MODEL.CLIP.TEST_VOCABULARY": str(names), "MODEL.CLIP.CLSS_TEMP": "1.0", "TEST.DETECTIONS_PER_IMAGE": "300",
+    })  # fmt: skip
+    capsys.readouterr()
+    assert detectron2_train.main(["--config-file", CONFIG, "--eval-only", *opts]) == 0
+    assert "LVIS AP/APr/APc/APf" in capsys.readouterr().out
+    out = tmp_path / "eval" / "inference" / "rc_emoji_val_lvis"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"AP", "APr", "APc", "APf"} <= set(metrics["lvis"]) and "coco" not in metrics
+    assert metrics["vocabulary"]["distractors"] == ["flying saucer"]
+    assert len(metrics["vocabulary"]["categories_missing"]) == len(val["categories"]) - 2
+    # near-uniform scores: every name is detected, and the distractor's detections are left out
+    found = {d["category_id"] for d in json.loads((out / "detections.json").read_text())}
+    assert found == {novel["id"], base["id"]}

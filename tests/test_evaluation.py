@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -25,6 +26,7 @@ from regionclip.evaluation.zero_shot import (
     region_accuracy,
     zero_shot_detection,
 )
+from regionclip.labeling.proposals import PrecomputedProposals
 from regionclip.models.loading import load_clip
 from regionclip.models.region import encode_regions
 from regionclip.models.rpn import load_rpn
@@ -303,6 +305,42 @@ def test_zero_shot_detection_and_eval_pipeline(tmp_path: Path, tiny_model, tiny_
     assert len(report["zero_shot_detection"]["coco"]) == 12
     assert isinstance(json.loads((out / "tiny.detections.json").read_text()), list)
     assert len(list((tmp_path / "eval" / "cache").glob("*.safetensors"))) == 1
+
+
+def test_zero_shot_detection_on_your_own_proposals(tmp_path: Path, tiny_model, tiny_clip, capsys) -> None:
+    json_path = write_tiny_set(tmp_path)
+    emb = _gt_region_embeddings(tiny_model, json_path)  # each GT box is its own category's embedding
+    gt = {"p.png": [[4, 6, 28, 26], [36, 30, 58, 56]], "q.png": [[20, 12, 50, 30]]}
+    table = {
+        "p.png": (torch.tensor([*gt["p.png"], [0, 0, 10, 60]], dtype=torch.float32), torch.tensor([0.9, 0.8, 0.3])),
+        "q.png": (torch.tensor(gt["q.png"], dtype=torch.float32), torch.tensor([0.7])),
+    }  # fmt: skip
+    # a temperature this low makes each GT box certain of its own category (the tiny CLIP's region
+    # embeddings differ by little), so every detection ranks as computed by hand
+    params = DetectionParams(temperature=1e-5, short_side=64, max_side=64, rpn_post_nms_top_n=3)
+    ap, results = zero_shot_detection(tiny_model, PrecomputedProposals(table), json_path, tmp_path / "images",
+                                      emb, None, params)  # fmt: skip
+    assert ap["AP50"] == pytest.approx({"base": 1.0, "novel": 1.0, "all": 1.0})
+    # only the best-scoring proposal of p.png: its blue blob (the novel class) has no box left
+    params = dataclasses.replace(params, rpn_post_nms_top_n=1)
+    ap, _ = zero_shot_detection(tiny_model, PrecomputedProposals(table), json_path, tmp_path / "images",
+                                emb, None, params)  # fmt: skip
+    assert ap["AP50"]["base"] == pytest.approx(1.0) and ap["AP50"]["novel"] == 0.0
+
+    proposals = tmp_path / "proposals.json"
+    proposals.write_text(json.dumps({"p.png": {"boxes": gt["p.png"]}}))
+    out = tmp_path / "eval"
+    argv = _eval_argv(tmp_path, tiny_clip, json_path, f"eval.precomputed={proposals}", "eval.rpn=",
+                      f"eval.out_dir={out}", "eval.templates=single", "eval.short_side=64", "eval.max_side=64",
+                      "eval.tag=own")  # fmt: skip
+    assert eval_pipeline.main(argv) == 1
+    err = capsys.readouterr().err
+    assert str(proposals) in err and "1 images" in err and "q.png" in err
+    proposals.write_text(json.dumps({k: {"boxes": v} for k, v in gt.items()}))
+    assert eval_pipeline.main(argv) == 0
+    detection = json.loads((out / "own.json").read_text())["zero_shot_detection"]
+    assert detection["precomputed"] == str(proposals) and "rpn" not in detection
+    assert set(detection["AP50"]) == {"base", "novel", "all"}
 
 
 def test_eval_pipeline_reports_bad_embeddings_file(tmp_path: Path, tiny_model, tiny_clip, capsys) -> None:

@@ -17,7 +17,8 @@ from data_prep import emojiworld
 from pipelines import transfer as transfer_pipeline
 from regionclip.config import TransferConfig
 from regionclip.errors import TransferError
-from regionclip.stages.transfer import Prepared, proposals_for
+from regionclip.models.preprocess import batch_images
+from regionclip.stages.transfer import Prepared, prepare, proposals_for
 from regionclip.text import save_embeddings
 from regionclip.transfer import TextClassifier, ov_classification_loss
 from regionclip.transfer.torchvision_rcnn import build_detector
@@ -323,6 +324,84 @@ def test_a_detector_folder_in_the_python_api_detects_as_the_stage_did(world: dic
     assert [d["box"]["xmin"] for d in found] == [int(d["bbox"][0] + 1e-3) for d in stage[:5]]
     few = api(image, candidate_labels=[names[stage[0]["category_id"]], "flying saucer"], threshold=0.0)
     assert {d["label"] for d in few} <= {names[stage[0]["category_id"]], "flying saucer"}
+
+
+def test_region_features_of_a_detector_folder_are_what_its_classifier_scores(world: dict):
+    from regionclip import RegionCLIP
+    from regionclip.models.region import encode_regions
+
+    out = world["root"] / "transfer" / "clip"
+    if not (out / "model.safetensors").is_file():
+        assert transfer_pipeline.main(world["argv"]) == 0
+    val = json.loads((world["root"] / "emojiworld" / "val.json").read_text())
+    first = val["images"][0]
+    x, y, w, h = next(a["bbox"] for a in val["annotations"] if a["image_id"] == first["id"])
+    box = torch.tensor([[x, y, x + w, y + h]])
+    image = Image.open(world["root"] / "emojiworld" / "images" / first["file_name"]).convert("RGB")
+    api = RegionCLIP.from_pretrained(out, device="cpu", templates="single")
+    emb = api.encode_regions(image, box)
+    assert emb.shape == (1, api.model.embed_dim) and emb.norm(dim=-1).item() == pytest.approx(1.0, abs=1e-5)
+    # the detector's trained weights, not the init CLIP's region embedding of the same box (the old
+    # behaviour: identical); the tiny run trains a few steps at a small lr, so they differ a little
+    (init,) = encode_regions(api.model.model, [image], [box], api.detector.cfg.test_short_side,
+                             api.detector.cfg.max_side, normalize=True)  # fmt: skip
+    assert (emb - init.detach().float()).abs().max() > 1e-4
+    # the best class probability of the box as the detector's only proposal (no objectness) is the
+    # softmax of [cos(emb, class) / T, 0] computed here
+    names = [c["name"] for c in val["categories"]]
+    text = torch.nn.functional.normalize(api.class_embeddings(names), dim=-1)
+    classifier = api.detector.model.classifier
+    logits = torch.cat([emb @ text.T, torch.zeros(1, 1)], dim=1) / classifier.temperature
+    expected = torch.softmax(logits, dim=1)[0, :-1].max()
+    detector, cfg = api.detector.model, api.detector.cfg
+    detector.score_thresh = 0.0
+    classifier.set_embeddings(text)
+    prep = prepare(image, cfg.test_short_side, cfg.max_side, False)
+    tensor, sizes = batch_images([prep.image])
+    with torch.no_grad():
+        (det,) = detector(tensor, sizes, [box * prep.scale])
+    assert det["scores"].max().item() == pytest.approx(expected.item(), rel=1e-3)
+
+
+def test_a_detector_exported_for_the_hub_runs_without_its_training_folders(
+    world: dict, tiny_rpn_dir: Path, tmp_path: Path, capsys
+):
+    import yaml
+
+    from pipelines import export_hub
+    from regionclip import RegionCLIP
+
+    trained = world["root"] / "transfer" / "clip"
+    if not (trained / "model.safetensors").is_file():
+        assert transfer_pipeline.main(world["argv"]) == 0
+    # a copy of the detector whose RPN folder is removed after the export
+    detector, rpn = tmp_path / "detector", tmp_path / "rpn"
+    shutil.copytree(trained, detector)
+    shutil.copytree(tiny_rpn_dir, rpn)
+    record = json.loads((detector / "model.json").read_text())
+    record["config"]["rpn_dir"] = str(rpn)
+    (detector / "model.json").write_text(json.dumps(record))
+    out = tmp_path / "hub" / "regionclip-tiny-detector"
+    assert export_hub.main(["--model", str(detector), "--out", str(out), "--dataset", "emojiworld"]) == 0
+    assert "detector with its init CLIP and RPN" in capsys.readouterr().out
+    shutil.rmtree(rpn)
+    moved = tmp_path / "elsewhere"
+    out.rename(moved)  # the record's paths are relative to the folder
+    assert sorted(p.name for p in moved.iterdir()) == ["README.md", "init", "metrics.json", "model.json",
+                                                      "model.safetensors", "rpn"]  # fmt: skip
+    header = yaml.safe_load((moved / "README.md").read_text().split("---")[1])
+    assert header["pipeline_tag"] == "zero-shot-object-detection" and header["datasets"] == ["emojiworld"]
+    assert "| metrics.json | detector AP50 (all) |" in (moved / "README.md").read_text()
+
+    val = json.loads((world["root"] / "emojiworld" / "val.json").read_text())
+    image = Image.open(world["root"] / "emojiworld" / "images" / val["images"][0]["file_name"])
+    names = [c["name"] for c in val["categories"]]
+    original = RegionCLIP.from_pretrained(trained, device="cpu", templates="single")
+    exported = RegionCLIP.from_pretrained(moved, device="cpu", templates="single")
+    assert exported(image, names, threshold=0.0, top_k=5) == original(image, names, threshold=0.0, top_k=5)
+    (moved / "init" / "open_clip_model.safetensors").write_bytes(b"")
+    with pytest.raises(TransferError, match="init"):
+        RegionCLIP.from_pretrained(moved, device="cpu")
 
 
 def test_trainable_rpn_head_trains_and_evaluates(world: dict):

@@ -2,9 +2,10 @@
 
 - :func:`region_accuracy`: ground-truth boxes classified by their RoI-pooled region embeddings
   (top-1 / top-5 per category split);
-- :func:`detect` / :func:`zero_shot_detection`: RPN proposals classified the same way, no box
-  regression, per-class NMS (RegionCLIP's zero-shot inference), scored by COCO or LVIS box AP
-  (:func:`~regionclip.evaluation.evaluator.evaluator_for`).
+- :func:`detect` / :func:`zero_shot_detection`: RPN proposals (or the user's own, a
+  :class:`~regionclip.labeling.proposals.PrecomputedProposals` keyed by file name) classified the
+  same way, no box regression, per-class NMS (RegionCLIP's zero-shot inference), scored by COCO or
+  LVIS box AP (:func:`~regionclip.evaluation.evaluator.evaluator_for`).
 
 Class index i always means the json's i-th category (file order).
 """
@@ -28,6 +29,7 @@ from regionclip.data.coco import CocoSet, category_splits, read_coco
 from regionclip.data.images import UNREADABLE, load_rgb
 from regionclip.data.sample_errors import SampleErrors, error_record
 from regionclip.evaluation.evaluator import VocabularyMapped, evaluator_for, vocabulary_classes
+from regionclip.labeling.proposals import PrecomputedProposals
 from regionclip.models.loading import LoadedClip
 from regionclip.models.preprocess import pil_to_tensor
 from regionclip.models.region import encode_regions
@@ -223,33 +225,51 @@ def configure_rpn_for_inference(rpn: ProposalNetwork, params: DetectionParams) -
     return rpn.eval()
 
 
+def top_proposals(boxes: torch.Tensor, scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``n`` highest-scoring of ``boxes`` [R, 4] / ``scores`` [R] (all when ``n <= 0``), highest first."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    if n > 0:
+        order = order[:n]
+    return boxes[order], scores[order]
+
+
 @torch.no_grad()
 def detect(
     model: LoadedClip,
-    rpn: ProposalNetwork,
+    rpn: ProposalNetwork | None,
     images: Sequence[Image.Image],
     class_embeddings: torch.Tensor,
     params: DetectionParams,
+    proposals: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Zero-shot detection on PIL images: RPN proposals → region embeddings → class scores.
+    """Zero-shot detection on PIL images: proposals → region embeddings → class scores.
 
-    ``rpn`` should be configured with :func:`configure_rpn_for_inference`. Returns per image
-    ``(boxes [N, 4] in original pixels, scores [N], class indices [N])`` on the CPU.
+    Proposals come from ``rpn`` (configured with :func:`configure_rpn_for_inference`) or, when
+    given, from ``proposals``: per image ``(boxes [R, 4] in original pixels, objectness [R])``.
+    Returns per image ``(boxes [N, 4] in original pixels, scores [N], class indices [N])`` on the CPU.
     """
     if not images:
         return []
-    rpn_device = next(rpn.parameters()).device
-    with autocast(params.precision, rpn_device):
-        proposals, objectness, _ = rpn([pil_to_tensor(im).to(rpn_device) for im in images])
-    proposals, objectness = [p.float() for p in proposals], [o.float() for o in objectness]
+    if proposals is not None:
+        if len(proposals) != len(images):
+            raise ValueError(f"{len(proposals)} proposal sets for {len(images)} images")
+        boxes_per_image = [b.float() for b, _ in proposals]
+        objectness = [o.float() for _, o in proposals]
+    elif rpn is not None:
+        rpn_device = next(rpn.parameters()).device
+        with autocast(params.precision, rpn_device):
+            boxes_per_image, objectness, _ = rpn([pil_to_tensor(im).to(rpn_device) for im in images])
+        boxes_per_image, objectness = [p.float() for p in boxes_per_image], [o.float() for o in objectness]
+    else:
+        raise ValueError("detect needs an RPN or proposals")
     with autocast(params.precision, next(model.model.parameters()).device):
         emb = encode_regions(
-            model.model, images, [p.cpu() for p in proposals], params.short_side, params.max_side,
+            model.model, images, [p.cpu() for p in boxes_per_image], params.short_side, params.max_side,
             batch_size=len(images),
         )  # fmt: skip
     cls = class_embeddings.to(emb[0].device)
     out = []
-    for boxes, obj, e in zip(proposals, objectness, emb, strict=True):
+    for boxes, obj, e in zip(boxes_per_image, objectness, emb, strict=True):
         b, s, lab = detections_from_regions(boxes, e, cls, obj, params)
         out.append((b.cpu(), s.cpu(), lab.cpu()))
     return out
@@ -257,7 +277,7 @@ def detect(
 
 def zero_shot_detection(
     model: LoadedClip,
-    rpn: ProposalNetwork,
+    rpn: ProposalNetwork | PrecomputedProposals,
     coco_json: str | os.PathLike | CocoSet,
     image_root: str | os.PathLike,
     class_embeddings: torch.Tensor,
@@ -271,8 +291,13 @@ def zero_shot_detection(
 
     ``class_embeddings`` [V, D]: the json's categories in order, or the names of ``vocabulary``
     (as in :func:`region_accuracy`): detections of a distractor name compete in the softmax and
-    are then left out, as no category is theirs. Returns ``(ap, results)``: the AP dict and the
-    COCO detection results.
+    are then left out, as no category is theirs. ``rpn``: a proposal network, or the user's own
+    proposals keyed by each image's ``file_name`` (the ``params.rpn_post_nms_top_n`` highest-scoring
+    of each image are used; their scores are the objectness). Returns ``(ap, results)``: the AP dict
+    and the COCO detection results.
+
+    Raises:
+        ValueError: precomputed proposals lack some images (named before any image is read).
     """
     data = coco_json if isinstance(coco_json, CocoSet) else read_coco(coco_json, image_root)
     vocab_classes = None if vocabulary is None else vocabulary_classes(vocabulary, data.names, data.json_path)
@@ -281,15 +306,29 @@ def zero_shot_detection(
                            data.json_path if vocab_classes is None else "the vocabulary")  # fmt: skip
     if splits is None:
         splits = category_splits(data.categories)
-    configure_rpn_for_inference(rpn, params)
+    if isinstance(rpn, PrecomputedProposals):
+        missing = [im.file_name for im in data.images if im.file_name not in rpn.table]
+        if missing:
+            raise ValueError(
+                f"{rpn.source}: no proposals for {len(missing)} images of {data.json_path}, e.g. {missing[:3]}"
+            )
+    else:
+        configure_rpn_for_inference(rpn, params)
     evaluator = evaluator_for(data.coco_gt(), data.category_ids, splits)
     if vocab_classes is not None:
         evaluator = VocabularyMapped(evaluator, vocab_classes)
     for start in tqdm(range(0, len(data.images), batch_size), desc="zero-shot detection", unit="batch"):
         batch = data.images[start : start + batch_size]
         kept, pil = read_images([im.path for im in batch], errors, data.json_path)
+        given = None
+        if isinstance(rpn, PrecomputedProposals):
+            boxes, scores = rpn([batch[i].file_name for i in kept])
+            given = [
+                top_proposals(b, s, params.rpn_post_nms_top_n) for b, s in zip(boxes, scores, strict=True)
+            ]
+        network = None if given is not None else rpn
         for i, (boxes, scores, labels) in zip(
-            kept, detect(model, rpn, pil, class_embeddings, params), strict=True
+            kept, detect(model, network, pil, class_embeddings, params, given), strict=True
         ):
             evaluator.process(batch[i].id, boxes, scores, labels)
     return evaluator.evaluate(), evaluator.results

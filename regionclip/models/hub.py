@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,47 +50,27 @@ def figures_of(report: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def model_card(
-    name: str,
-    open_clip_config: Mapping[str, Any],
-    run_config: Mapping[str, Any] | None,
+def card_markdown(
+    header: Mapping[str, Any],
+    title: str,
+    intro: str,
+    usage: Sequence[str],
     figures: Mapping[str, Mapping[str, float]],
-    datasets: Sequence[str],
-    base_model: str,
-    license_id: str = "mit",
+    run_config: Mapping[str, Any] | None,
 ) -> str:
-    """The ``README.md`` text: YAML header, how to load, the figures per report, the config."""
-    header = {
-        "library_name": "open_clip",
-        "pipeline_tag": "zero-shot-object-detection",
-        "base_model": base_model,
-        "datasets": list(datasets),
-        "tags": ["regionclip", "clip", "open-vocabulary-detection", "region-text-pretraining"],
-        "license": license_id,
-    }
-    meta = open_clip_config.get("regionclip", {})
-    arch = meta.get("model", "")
+    """A model card: the YAML ``header``, ``title``, ``intro``, the ``usage`` code lines, the
+    figures per report and the training config."""
     lines = [
         "---",
-        yaml.safe_dump(header, sort_keys=False).strip(),
+        yaml.safe_dump(dict(header), sort_keys=False).strip(),
         "---",
         "",
-        f"# {name}",
+        f"# {title}",
         "",
-        f"A region–text pretrained CLIP (architecture `{arch}`"
-        + (", QuickGELU" if open_clip_config.get("model_cfg", {}).get("quick_gelu") else "")
-        + f", {meta.get('pretrain', {}).get('mode', 'unknown')} pretraining, initialised from "
-        f"`{meta.get('init_weights_id', base_model)}`), made with regionclip.",
-        "",
-        "```python",
-        "import open_clip",
-        f"model, _, preprocess = open_clip.create_model_and_transforms('local-dir:{name}')",
-        "",
-        "from regionclip import RegionCLIP  # detection and region features (needs an RPN folder)",
-        f"detector = RegionCLIP.from_pretrained('{name}', rpn='path/to/rpn')",
-        "```",
+        intro,
         "",
     ]
+    lines += ["```python", *usage, "```", ""]
     if figures:
         lines += ["## Figures", "", "| report | figure | % |", "|---|---|---|"]
         for source, values in figures.items():
@@ -106,6 +86,65 @@ def model_card(
             "",
         ]
     return "\n".join(lines)
+
+
+def card_header(
+    library: str, base_model: str, datasets: Sequence[str], license_id: str = "mit"
+) -> dict[str, Any]:
+    """The Hugging Face model-card metadata of this project's exports."""
+    return {
+        "library_name": library,
+        "pipeline_tag": "zero-shot-object-detection",
+        "base_model": base_model,
+        "datasets": list(datasets),
+        "tags": ["regionclip", "clip", "open-vocabulary-detection", "region-text-pretraining"],
+        "license": license_id,
+    }
+
+
+def model_card(
+    name: str,
+    open_clip_config: Mapping[str, Any],
+    run_config: Mapping[str, Any] | None,
+    figures: Mapping[str, Mapping[str, float]],
+    datasets: Sequence[str],
+    base_model: str,
+    license_id: str = "mit",
+) -> str:
+    """The ``README.md`` text of a CLIP export: YAML header, how to load, figures, config."""
+    meta = open_clip_config.get("regionclip", {})
+    intro = (
+        f"A region–text pretrained CLIP (architecture `{meta.get('model', '')}`"
+        + (", QuickGELU" if open_clip_config.get("model_cfg", {}).get("quick_gelu") else "")
+        + f", {meta.get('pretrain', {}).get('mode', 'unknown')} pretraining, initialised from "
+        f"`{meta.get('init_weights_id', base_model)}`), made with regionclip."
+    )
+    usage = [
+        "import open_clip",
+        f"model, _, preprocess = open_clip.create_model_and_transforms('local-dir:{name}')",
+        "",
+        "from regionclip import RegionCLIP  # detection and region features (needs an RPN folder)",
+        f"detector = RegionCLIP.from_pretrained('{name}', rpn='path/to/rpn')",
+    ]
+    header = card_header("open_clip", base_model, datasets, license_id)
+    return card_markdown(header, name, intro, usage, figures, run_config)
+
+
+def write_folder(out_dir: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Build a folder with ``fill(tmp)`` in a temporary sibling, then put it at ``out_dir``
+    (replacing an earlier one); files get the umask's mode. A failed ``fill`` leaves ``out_dir`` as it was."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        fill(tmp)
+        apply_umask(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
 
 
 def export_hub(
@@ -136,16 +175,10 @@ def export_hub(
     figures = {Path(r).name: figures_of(read_json(r, "report")) for r in reports}
     base = base_model or config.get("regionclip", {}).get("init_weights_id", "")
     card = model_card(out_dir.name, config, run_config, figures, datasets, base)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         shutil.copyfile(model_dir / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / CARD_FILE).write_text(card, encoding="utf-8")
-        apply_umask(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+
+    return write_folder(out_dir, fill)

@@ -1,8 +1,8 @@
 """`make eval`: zero-shot region recognition and zero-shot detection of a CLIP model.
 
 Classifies the GT boxes of ``eval.json`` by region embeddings (top-1/top-5 for all/base/novel)
-and, with ``eval.rpn`` set, detects with RPN proposals and no box regression (COCO AP and AP50
-per split). Writes ``<eval.out_dir>/<tag>.json`` and the detections as COCO results in
+and, with ``eval.rpn`` (or ``eval.precomputed``, proposals of your own keyed by file name) set,
+detects with those proposals and no box regression (COCO or LVIS AP and AP50 per split). Writes ``<eval.out_dir>/<tag>.json`` and the detections as COCO results in
 ``<tag>.detections.json``; a re-run whose ``<tag>.json`` holds the same run hash (the ``eval``
 section and the model, RPN, json and vocabulary files it names) is skipped.
 """
@@ -27,6 +27,7 @@ from regionclip.evaluation.zero_shot import (
     region_accuracy,
     zero_shot_detection,
 )
+from regionclip.labeling.proposals import PrecomputedProposals
 from regionclip.models.loading import WEIGHTS_FILE, load_clip
 from regionclip.models.rpn import WEIGHTS_FILE as RPN_WEIGHTS_FILE
 from regionclip.models.rpn import load_rpn
@@ -50,12 +51,12 @@ def default_tag(model: ClipModelConfig) -> str:
 
 def eval_run_hash(ev: EvalConfig) -> str:
     """Hash of the ``eval`` section and the contents of the files it names: the model weights, the
-    RPN weights, the eval json and the vocabulary or class embeddings file."""
+    RPN weights or proposals file, the eval json and the vocabulary or class embeddings file."""
     weights = Path(ev.model.pretrained) if ev.model.pretrained else None
     if weights is not None and weights.is_dir():
         weights = weights / WEIGHTS_FILE
     files = [weights, Path(ev.rpn) / RPN_WEIGHTS_FILE if ev.rpn else None, Path(ev.json)]
-    files += [Path(f) if f else None for f in (ev.vocabulary, ev.class_embeddings)]
+    files += [Path(f) if f else None for f in (ev.vocabulary, ev.class_embeddings, ev.precomputed)]
     return run_hash(section_hash(ev), [file_digest(f) if f is not None else "None" for f in files])
 
 
@@ -111,15 +112,18 @@ def run_eval(ev: EvalConfig, device: torch.device) -> dict[str, Any] | None:
         vocabulary,
     )
     detection = None
-    if ev.rpn:
+    if ev.rpn or ev.precomputed:
         params = DetectionParams(
             temperature=ev.temperature, score_thresh=ev.score_thresh, nms_thresh=ev.nms, max_dets=ev.max_dets,
             multiply_rpn_score=ev.multiply_rpn_score, rpn_nms_thresh=ev.rpn_nms, rpn_post_nms_top_n=ev.rpn_topk,
             short_side=ev.short_side, max_side=ev.max_side, precision=precision,
         )  # fmt: skip
+        proposals = (
+            PrecomputedProposals.from_file(ev.precomputed) if ev.precomputed else load_rpn(ev.rpn, device)
+        )
         ap, results = zero_shot_detection(
             loaded,
-            load_rpn(ev.rpn, device),
+            proposals,
             data,
             ev.image_root,
             embeddings,
@@ -131,7 +135,8 @@ def run_eval(ev: EvalConfig, device: torch.device) -> dict[str, Any] | None:
         )
         det_file = Path(ev.out_dir) / f"{tag}.detections.json"
         atomic_write_json(det_file, results)
-        detection = {**ap, "rpn": ev.rpn, "params": asdict(params), "detections_file": str(det_file)}
+        source = {"precomputed": ev.precomputed} if ev.precomputed else {"rpn": ev.rpn}
+        detection = {**ap, **source, "params": asdict(params), "detections_file": str(det_file)}
     report = {
         "tag": tag,
         "model": loaded.identity,

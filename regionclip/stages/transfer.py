@@ -34,6 +34,7 @@ from typing import Any
 
 import safetensors.torch
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -297,7 +298,8 @@ class TrainedDetector:
 
 def load_detector(folder: str | Path, device: torch.device) -> TrainedDetector:
     """Load the detector in ``folder`` (``model.json`` + ``model.safetensors``) with its init CLIP
-    and the RPN folder it was trained with.
+    and the RPN folder it was trained with (inside ``folder`` for an export of
+    :func:`~regionclip.stages.detector_hub.export_detector_hub`).
 
     Raises:
         TransferError: not a finished detector folder, or its inputs are gone.
@@ -309,6 +311,10 @@ def load_detector(folder: str | Path, device: torch.device) -> TrainedDetector:
             f"{folder}: not a detector folder written by `make transfer` ({MODEL_JSON} + {MODEL_FILE})"
         )
     cfg = from_dict(TransferConfig, record["config"], f"{folder / MODEL_JSON} config")
+    bundled = record.get("bundled")  # an exported folder: its init CLIP and RPN are inside it
+    if isinstance(bundled, dict):
+        cfg = replace(cfg, init=replace(cfg.init, pretrained=str(folder / bundled["init"])),
+                      rpn_dir=str(folder / bundled["rpn"]) if bundled.get("rpn") else cfg.rpn_dir)  # fmt: skip
     if cfg.proposals == "frozen" and cfg.precomputed:
         raise TransferError(
             f"{folder}: trained on precomputed proposals ({cfg.precomputed}); new images need an RPN"
@@ -352,6 +358,22 @@ def detect_pil(
         boxes[:, 1::2] = boxes[:, 1::2].clamp(max=pil.height)
         out.append((boxes, det["scores"].float().cpu(), det["labels"].cpu()))
     return out
+
+
+@torch.no_grad()
+def region_embeddings_pil(
+    detector: TrainedDetector, image: Image.Image, boxes: Tensor, device: torch.device
+) -> Tensor:
+    """L2-normalised region embeddings ``[N, D]`` of ``boxes`` ``[N, 4]`` (x0 y0 x1 y1, original
+    pixels) from the detector's own backbone and box head, as its classifier sees them (cosine with
+    a class's text embedding, / temperature, is that class's logit), at its test image size."""
+    cfg, encoder = detector.cfg, detector.model.encoder
+    prep = prepare(image.convert("RGB"), cfg.test_short_side, cfg.max_side, with_raw=False)
+    tensor, _ = batch_images([prep.image])
+    with autocast(resolve_precision(cfg.precision, device, "transfer.precision"), device):
+        features = encoder.dense_features(tensor.to(device))
+        emb = encoder.pool_regions(features, [boxes.float() * prep.scale])
+    return F.normalize(emb.float(), dim=-1).cpu()
 
 
 def run_transfer(cfg: TransferConfig, device: torch.device, stop_after: int | None = None) -> dict[str, Any]:

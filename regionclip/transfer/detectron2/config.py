@@ -27,6 +27,10 @@ def add_regionclip_config(cfg: CN) -> CN:
     # by the thing_classes of DATASETS.TRAIN[0] (training) and of each test dataset (inference).
     cfg.MODEL.CLIP.TEXT_EMB_PATH = ""
     cfg.MODEL.CLIP.OPENSET_TEST_TEXT_EMB_PATH = ""  # empty = TEXT_EMB_PATH
+    # Test-time names (a file, one per line; empty = each test dataset's own classes): matched to a
+    # test dataset's categories by name, the others are distractors whose detections are left out.
+    # Their rows come from OPENSET_TEST_TEXT_EMB_PATH (or TEXT_EMB_PATH).
+    cfg.MODEL.CLIP.TEST_VOCABULARY = ""
     cfg.MODEL.CLIP.CLSS_TEMP = 0.01  # logits = cosine / temperature
     cfg.MODEL.CLIP.BG_CLS_LOSS_WEIGHT = 0.2
     cfg.MODEL.CLIP.FOCAL_SCALED_LOSS = 0.5  # gamma of CE * (1 - p_t)^gamma; 0 = plain CE

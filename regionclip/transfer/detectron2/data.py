@@ -5,9 +5,11 @@
   ``det_train.json`` / ``val.json``) via ``register_coco_instances``, with ``thing_classes`` set
   at once, so the model can pick its vocabulary before any json is loaded;
 - :func:`clip_augmentations`: Detectron2's resize + flip, with bicubic resizing as RegionCLIP;
-- :class:`OVDEvaluator`: COCO results → AP50 all / base / novel + the 12 COCO metrics
-  (:func:`regionclip.evaluation.coco_ap.ap_summary`), written like ``make transfer``'s
-  ``metrics.json`` / ``detections.json``.
+- :class:`OVDEvaluator`: COCO results → AP50 all / base / novel + the 12 COCO metrics, or LVIS
+  AP / APr / APc / APf for an LVIS-format json (:func:`regionclip.evaluation.evaluator.evaluator_for`,
+  :func:`regionclip.evaluation.coco_ap.ap_summary`), written like ``make transfer``'s
+  ``metrics.json`` / ``detections.json``; for a test vocabulary of its own, predictions are mapped
+  to the dataset's categories by name and distractors' detections left out.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import detectron2.data.transforms as T
+import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.evaluation import DatasetEvaluator
@@ -27,8 +31,8 @@ from PIL import Image
 
 from regionclip.data.coco import category_splits, read_categories, read_coco
 from regionclip.errors import TransferError
-from regionclip.evaluation.coco_ap import ap_summary, coco_ap_by_split
-from regionclip.evaluation.evaluator import to_coco_results
+from regionclip.evaluation.coco_ap import ap_summary
+from regionclip.evaluation.evaluator import evaluator_for, to_coco_results, vocabulary_classes
 from regionclip.utils import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -111,20 +115,35 @@ def clip_augmentations(cfg, is_train: bool) -> list[T.Augmentation]:
 
 
 class OVDEvaluator(DatasetEvaluator):
-    """AP50 on all / base / novel classes of a registered COCO-format dataset.
+    """AP50 on all / base / novel classes of a registered COCO- or LVIS-format dataset.
 
     Base/novel comes from the categories' ``split`` field, else from which categories have boxes
-    in ``train_json``. With ``output_dir``, writes ``detections.json`` (COCO results) and
-    ``metrics.json`` (fractions 0-1, as ``make transfer``). Returns Detectron2's
-    ``{"bbox": {metric: percent}}``.
+    in ``train_json``. ``vocabulary``: the test-time names the model predicts (None = the dataset's
+    ``thing_classes``), matched to the categories by name; names of no category are distractors.
+    With ``output_dir``, writes ``detections.json`` (COCO results) and ``metrics.json`` (fractions
+    0-1, as ``make transfer``). Returns Detectron2's ``{"bbox": {metric: percent}}``.
     """
 
-    def __init__(self, dataset_name: str, output_dir: str | None = None, train_json: str = ""):
+    def __init__(
+        self,
+        dataset_name: str,
+        output_dir: str | None = None,
+        train_json: str = "",
+        vocabulary: Sequence[str] | None = None,
+    ):
         meta = MetadataCatalog.get(dataset_name)
         self.dataset_name = dataset_name
         self.json_file = meta.json_file
         contiguous = meta.thing_dataset_id_to_contiguous_id
         self.category_ids = [cid for cid, _ in sorted(contiguous.items(), key=lambda kv: kv[1])]
+        self.vocabulary = None if vocabulary is None else list(vocabulary)
+        classes = meta.thing_classes
+        try:  # prediction index -> the dataset's contiguous class (-1: a distractor)
+            self.vocab_classes = (
+                torch.arange(len(classes)) if vocabulary is None else vocabulary_classes(vocabulary, classes, self.json_file)
+            )  # fmt: skip
+        except ValueError as e:
+            raise TransferError(f"MODEL.CLIP.TEST_VOCABULARY: {e}") from None
         self.output_dir = Path(output_dir) if output_dir else None
         self.train_json = train_json
         self.reset()
@@ -137,11 +156,13 @@ class OVDEvaluator(DatasetEvaluator):
         for inp, out in zip(inputs, outputs, strict=True):
             self._images += 1
             inst = out["instances"].to("cpu")
+            classes = self.vocab_classes[inst.pred_classes]
+            keep = classes >= 0
             self._results.extend(
                 to_coco_results(
-                    inp["image_id"], inst.pred_boxes.tensor, inst.scores, inst.pred_classes, self.category_ids
+                    inp["image_id"], inst.pred_boxes.tensor[keep], inst.scores[keep], classes[keep], self.category_ids
                 )
-            )
+            )  # fmt: skip
 
     def evaluate(self) -> OrderedDict:
         results = list(itertools.chain(*comm.gather(self._results, dst=0)))
@@ -150,18 +171,31 @@ class OVDEvaluator(DatasetEvaluator):
             return OrderedDict()
         categories = read_categories(self.json_file, TransferError)
         splits = category_splits(categories, train_json=self.train_json or None, error=TransferError)
+        scorer = evaluator_for(self.json_file, self.category_ids, splits)
+        scorer.results = results
         summary = {
             "dataset": self.dataset_name,
-            **ap_summary(coco_ap_by_split(self.json_file, results, splits), categories, splits),
+            **ap_summary(scorer.evaluate(), categories, splits),
             "eval": {"images": images, "detections": len(results)},
         }
+        if self.vocabulary is not None:
+            matched = set(self.vocab_classes.tolist())
+            summary["vocabulary"] = {
+                "names": self.vocabulary,
+                "distractors": [n for n, k in zip(self.vocabulary, self.vocab_classes.tolist(), strict=True) if k < 0],
+                "categories_missing": [c for k, c in enumerate(MetadataCatalog.get(self.dataset_name).thing_classes)
+                                       if k not in matched],
+            }  # fmt: skip
         if self.output_dir is not None:
             atomic_write_json(self.output_dir / DETECTIONS_FILE, results)
             atomic_write_json(self.output_dir / METRICS_FILE, summary)
-        flat = {k: summary[k] for k in ("AP50_all", "AP50_base", "AP50_novel")} | summary["coco"]
+        stats = summary.get("coco") or summary.get("lvis") or {}
+        flat = {k: summary[k] for k in ("AP50_all", "AP50_base", "AP50_novel")} | stats
         log.info(
-            "%s: %d images, %d detections; AP50 all %s base %s novel %s",
+            "%s: %d images, %d detections; AP50 all %s base %s novel %s%s",
             self.dataset_name, images, len(results), *(_pct(summary[f"AP50_{s}"]) for s in ("all", "base", "novel")),
+            "; LVIS AP/APr/APc/APf " + "/".join(_pct(stats.get(k)) for k in ("AP", "APr", "APc", "APf"))
+            if "lvis" in summary else "",
         )  # fmt: skip
         # Detectron2 prints percentages; undefined values (None, pycocotools' -1) as nan
         return OrderedDict(

@@ -32,7 +32,7 @@ from regionclip.engine.run_cache import file_digest, finished, run_hash
 from regionclip.errors import TransferError
 from regionclip.models.loading import WEIGHTS_FILE, load_clip
 from regionclip.models.towers import require_resnet
-from regionclip.text import embed_class_names, embedding_metadata, save_embeddings
+from regionclip.text import embed_class_names, embedding_metadata, read_names_file, save_embeddings
 from regionclip.utils import atomic_output, atomic_write_json, read_json
 
 FORMAT = "regionclip.detectron2"
@@ -81,6 +81,7 @@ def export_student(
     out: str | os.PathLike,
     class_jsons: Sequence[str | os.PathLike] = (),
     templates: str = "ensemble",
+    names_files: Sequence[str | os.PathLike] = (),
 ) -> dict[str, Any]:
     """Export ``source`` (a checkpoint folder, state-dict file, tag, or random init) to ``out``.
 
@@ -88,9 +89,10 @@ def export_student(
 
     - ``out`` (``model.pth``): the Detectron2 checkpoint (image tower only);
     - ``model.open_clip.json``: the open_clip architecture, for ``MODEL.CLIP.OPENCLIP_MODEL_CONFIG``;
-    - with ``class_jsons``: ``model.class_embeddings.safetensors`` (+ ``.txt``), the prompt-ensembled
-      embeddings of every category name of those jsons from the model's own text tower, for
-      ``MODEL.CLIP.TEXT_EMB_PATH``.
+    - with ``class_jsons`` or ``names_files``: ``model.class_embeddings.safetensors`` (+ ``.txt``),
+      the prompt-ensembled embeddings of every category name of those jsons and every name of
+      those files (one per line) from the model's own text tower, for ``MODEL.CLIP.TEXT_EMB_PATH``
+      (and the names of ``MODEL.CLIP.TEST_VOCABULARY``).
 
     Returns a summary: paths, tensor / BatchNorm counts and the weights identity (``skipped``:
     these outputs already held an export of the same weights, jsons and templates).
@@ -104,7 +106,7 @@ def export_student(
         weights = weights / WEIGHTS_FILE
     this_run = run_hash(
         FORMAT_VERSION, to_dict(source), file_digest(weights), file_digest(source.model_config),
-        [file_digest(j) for j in class_jsons], templates,
+        [file_digest(j) for j in class_jsons], templates, [file_digest(f) for f in names_files],
     )  # fmt: skip
     record_file = sidecar(out, RECORD_SUFFIX)
     record = finished(record_file, this_run)
@@ -127,13 +129,15 @@ def export_student(
         "batchnorms": sum(k.endswith(".running_var") for k in state),
         "weights_id": loaded.weights_id,
     }
-    if class_jsons:
-        names = class_names(class_jsons)
+    if class_jsons or names_files:
+        names = list(
+            dict.fromkeys([*class_names(class_jsons), *(n for f in names_files for n in read_names_file(f))])
+        )
         emb_file = sidecar(out, EMBEDDINGS_SUFFIX)
         emb = embed_class_names(loaded, names, templates)
         save_embeddings(emb_file, emb, names, embedding_metadata(loaded, templates))
         summary.update(embeddings=str(emb_file), classes=len(names))
-    outputs = [str(out), str(arch_file), *([summary["embeddings"]] if class_jsons else [])]
+    outputs = [str(out), str(arch_file), *([summary["embeddings"]] if "embeddings" in summary else [])]
     atomic_write_json(record_file, {"run_hash": this_run, "outputs": outputs, "summary": summary})
     return {**summary, "skipped": False}
 

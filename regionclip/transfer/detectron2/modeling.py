@@ -54,7 +54,7 @@ from regionclip.evaluation.zero_shot import rpn_weighted_scores
 from regionclip.models.resnet_path import region_head, stage, stem
 from regionclip.models.rpn import ProposalNetwork, load_rpn
 from regionclip.models.towers import freeze_stages
-from regionclip.text import load_embeddings
+from regionclip.text import load_embeddings, read_names_file
 from regionclip.transfer.classifier import TextClassifier, ov_classification_loss
 from regionclip.transfer.detectron2.export import ARCH_SUFFIX, read_arch, sidecar
 from regionclip.transfer.vocabulary import select_embeddings
@@ -115,28 +115,51 @@ def dataset_classes(name: str) -> list[str]:
     return list(classes)
 
 
-def vocabulary(embeddings_file: str, dataset: str, key: str = "MODEL.CLIP.TEXT_EMB_PATH") -> Tensor:
+def vocabulary(
+    embeddings_file: str,
+    dataset: str,
+    key: str = "MODEL.CLIP.TEXT_EMB_PATH",
+    names: Sequence[str] | None = None,
+) -> Tensor:
     """``[C, D]`` rows of ``embeddings_file`` (the value of config ``key``) for the classes of
-    ``dataset``, in its contiguous order."""
+    ``dataset`` in its contiguous order, or for ``names`` when given."""
     if not embeddings_file:
         raise TransferError(
             f"{key} is empty: write class embeddings with "
             "`python -m pipelines.export_detectron2 ... --class-json JSON`"
         )
     try:
-        emb, names, _ = load_embeddings(embeddings_file)
+        emb, emb_names, _ = load_embeddings(embeddings_file)
     except (OSError, ValueError) as e:
         raise TransferError(f"{key}: {e}") from None
     source = MetadataCatalog.get(dataset).get("json_file") or f"dataset {dataset!r}"
-    return select_embeddings(emb, names, dataset_classes(dataset), embeddings_file, source)
+    wanted = dataset_classes(dataset) if names is None else list(names)
+    return select_embeddings(
+        emb, emb_names, wanted, embeddings_file, source if names is None else "the vocabulary"
+    )
+
+
+def test_vocabulary_names(cfg) -> list[str] | None:
+    """The names of ``MODEL.CLIP.TEST_VOCABULARY``, or None (each test dataset's own classes)."""
+    path = cfg.MODEL.CLIP.TEST_VOCABULARY
+    if not path:
+        return None
+    try:
+        return read_names_file(path)
+    except ValueError as e:
+        raise TransferError(f"MODEL.CLIP.TEST_VOCABULARY: {e}") from None
 
 
 def test_vocabulary(cfg, dataset: str) -> Tensor:
-    """The inference vocabulary for ``dataset``: ``OPENSET_TEST_TEXT_EMB_PATH`` or ``TEXT_EMB_PATH``."""
+    """The inference vocabulary for ``dataset``: the rows of ``OPENSET_TEST_TEXT_EMB_PATH`` (or
+    ``TEXT_EMB_PATH``) for its classes, or for the names of ``TEST_VOCABULARY``."""
     clip = cfg.MODEL.CLIP
+    names = test_vocabulary_names(cfg)
     if clip.OPENSET_TEST_TEXT_EMB_PATH:
-        return vocabulary(clip.OPENSET_TEST_TEXT_EMB_PATH, dataset, "MODEL.CLIP.OPENSET_TEST_TEXT_EMB_PATH")
-    return vocabulary(clip.TEXT_EMB_PATH, dataset)
+        return vocabulary(
+            clip.OPENSET_TEST_TEXT_EMB_PATH, dataset, "MODEL.CLIP.OPENSET_TEST_TEXT_EMB_PATH", names
+        )
+    return vocabulary(clip.TEXT_EMB_PATH, dataset, names=names)
 
 
 # --------------------------------------------------------------------------------------------

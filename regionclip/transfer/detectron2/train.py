@@ -32,7 +32,7 @@ from regionclip.engine.run_cache import file_digest, finished, run_hash
 from regionclip.errors import TransferError
 from regionclip.transfer.detectron2.config import add_regionclip_config
 from regionclip.transfer.detectron2.data import OVDEvaluator, clip_augmentations, register_datasets
-from regionclip.transfer.detectron2.modeling import clip_arch, test_vocabulary
+from regionclip.transfer.detectron2.modeling import clip_arch, test_vocabulary, test_vocabulary_names
 from regionclip.utils import atomic_write_json
 
 # OUTPUT_DIR's run-cache record: a finished training of the same config and input files is skipped
@@ -106,6 +106,7 @@ def training_identity(cfg) -> str:
         clip.OPENCLIP_MODEL_CONFIG,
         clip.TEXT_EMB_PATH,
         clip.OPENSET_TEST_TEXT_EMB_PATH,
+        clip.TEST_VOCABULARY,
     ]
     files += (
         [os.path.join(clip.RPN_DIR, name) for name in ("rpn.json", "rpn.safetensors")] if clip.RPN_DIR else []
@@ -163,8 +164,9 @@ class RegionCLIPTrainer(DefaultTrainer):
             MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("json_file", "") if cfg.DATASETS.TRAIN else ""
         )
         return OVDEvaluator(
-            dataset_name, output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name), train_json
-        )
+            dataset_name, output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name), train_json,
+            test_vocabulary_names(cfg),
+        )  # fmt: skip
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
