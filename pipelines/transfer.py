@@ -29,11 +29,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = run_transfer(cfg.transfer, device, stop_after=args.stop_after)
     if summary.get("finished"):
         train, ev = summary["train"], summary["eval"]
+        lvis = summary.get("lvis")  # an LVIS-format val json
+        lvis_part = (
+            "; LVIS AP/APr/APc/APf " + "/".join(_fmt(lvis[k]) for k in ("AP", "APr", "APc", "APf"))
+            if lvis
+            else ""
+        )
         print(
             f"transfer [{cfg.transfer.tag}]: {train['steps']} steps, {train['images_per_s']} train images/s; "
             f"{ev['images']} val images, {ev['detections']} detections, {ev['images_per_s']} images/s; "
             f"AP50 all {_fmt(summary['AP50_all'])} base {_fmt(summary['AP50_base'])} "
-            f"novel {_fmt(summary['AP50_novel'])}; metrics in {cfg.transfer.out_dir}/metrics.json"
+            f"novel {_fmt(summary['AP50_novel'])}{lvis_part}; metrics in {cfg.transfer.out_dir}/metrics.json"
         )
     return 0
 

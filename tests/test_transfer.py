@@ -279,6 +279,25 @@ def test_a_test_vocabulary_of_its_own_reuses_the_detector_and_scores_by_name(wor
     assert transfer_pipeline.main(world["argv"]) == 0  # and back, for the tests that follow
 
 
+def test_an_lvis_val_json_is_scored_by_lvis_ap(world: dict, tmp_path: Path, capsys):
+    from data_prep import lvis_format
+
+    out, ew = world["root"] / "transfer" / "clip", world["root"] / "emojiworld"
+    if not (out / "model.safetensors").is_file():
+        assert transfer_pipeline.main(world["argv"]) == 0
+    model_time = (out / "model.safetensors").stat().st_mtime_ns
+    lvis_json = tmp_path / "val_lvis.json"
+    assert lvis_format.main(["--json", str(ew / "val.json"), "--train-json", str(ew / "det_train.json"),
+                             "--out", str(lvis_json)]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert transfer_pipeline.main([*world["argv"], f"transfer.val_json={lvis_json}"]) == 0
+    assert "LVIS AP/APr/APc/APf" in capsys.readouterr().out
+    assert (out / "model.safetensors").stat().st_mtime_ns == model_time  # evaluation only
+    metrics = _metrics(out)
+    assert {"AP", "APr", "APc", "APf"} <= set(metrics["lvis"]) and "coco" not in metrics
+    assert transfer_pipeline.main(world["argv"]) == 0  # and back, for the tests that follow
+
+
 def test_bring_your_own_proposals_replace_the_rpn(world: dict, tmp_path: Path, capsys):
     ew = world["root"] / "emojiworld"
     table = {}
