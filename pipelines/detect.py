@@ -3,8 +3,8 @@
     python -m pipelines.detect --model RN50 --pretrained openai --rpn runs/demo/rpn --prompt "person. dog." a.jpg
 
 ``--model``: an open_clip name, a checkpoint folder of this project, or a weights file with
-``--model-config``. Writes ``<out>/detections.json`` (COCO results), ``images.json`` and one PNG per image. Exit status: 0 done,
-1 no image could be read or bad model/RPN, 2 bad arguments.
+``--model-config``. Writes ``<out>/detections.json`` (COCO results), ``images.json`` and one PNG
+per image. Exit status: 0 done, 1 no image could be read or bad model/RPN, 2 bad arguments.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ with ``torch.load(weights_only=True)``), ``model.open_clip.json`` (the architect
 ``MODEL.CLIP.OPENCLIP_MODEL_CONFIG``) and, with ``--class-json``, the category names of those
 COCO jsons (and with ``--names`` the names of those files, one per line, e.g. a test
 vocabulary with distractors for ``MODEL.CLIP.TEST_VOCABULARY``) embedded by the model's text tower
-(``model.class_embeddings.safetensors``, for ``MODEL.CLIP.TEXT_EMB_PATH``). Does not need Detectron2. Exit status: 0 done, 1 bad input,
-2 bad arguments. See docs/detectron2.md.
+(``model.class_embeddings.safetensors``, for ``MODEL.CLIP.TEXT_EMB_PATH``). Does not need
+Detectron2. Exit status: 0 done, 1 bad input, 2 bad arguments. See docs/detectron2.md.
 """
 
 from __future__ import annotations

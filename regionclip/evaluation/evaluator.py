@@ -137,6 +137,19 @@ def vocabulary_classes(vocabulary: Sequence[str], categories: Sequence[str], whe
     return classes
 
 
+def vocabulary_coverage(
+    vocabulary: Sequence[str], vocab_classes: Tensor, categories: Sequence[str]
+) -> dict[str, list[str]]:
+    """What a vocabulary (with its :func:`vocabulary_classes`) leaves out of a json's
+    ``categories``: ``{"distractors": names of no category, "categories_missing": categories of
+    no name}``."""
+    matched = set(vocab_classes.tolist())
+    return {
+        "distractors": [n for n, k in zip(vocabulary, vocab_classes.tolist(), strict=True) if k < 0],
+        "categories_missing": [c for k, c in enumerate(categories) if k not in matched],
+    }
+
+
 class VocabularyMapped:
     """An evaluator fed class indices into a vocabulary of its own (:func:`vocabulary_classes`):
     labels become the json's class indices, detections of distractors are left out (no category

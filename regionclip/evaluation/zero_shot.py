@@ -135,23 +135,18 @@ def region_accuracy(
     hit5 = torch.cat(top5) if top5 else torch.zeros(0, dtype=torch.bool)
     ids = torch.tensor(data.category_ids)
     box_cat = ids[y] if len(y) else torch.zeros(0, dtype=torch.int64)
-    result = {}
-    for name, cat_ids in {"all": data.category_ids, **dict(splits)}.items():
-        mask = torch.isin(box_cat, torch.tensor(list(cat_ids), dtype=torch.int64))
+
+    def rates(mask: torch.Tensor) -> dict[str, Any]:
         n = int(mask.sum())
-        result[name] = {
-            "top1": float(hit1[mask].float().mean()) if n else None,
-            "top5": float(hit5[mask].float().mean()) if n else None,
-            "n": n,
-        }
-    per_name = {}
-    for k, cat in enumerate(data.names):
-        mask = y == k
-        n = int(mask.sum())
-        per_name[cat] = {"top1": float(hit1[mask].float().mean()) if n else None,
-                         "top5": float(hit5[mask].float().mean()) if n else None, "n": n}  # fmt: skip
+        top1, top5 = (float(h[mask].float().mean()) if n else None for h in (hit1, hit5))
+        return {"top1": top1, "top5": top5, "n": n}
+
+    result: dict[str, Any] = {
+        name: rates(torch.isin(box_cat, torch.tensor(list(cat_ids), dtype=torch.int64)))
+        for name, cat_ids in {"all": data.category_ids, **dict(splits)}.items()
+    }
+    result["per_name"] = {cat: rates(y == k) for k, cat in enumerate(data.names)}
     top = torch.cat(predicted) if predicted else torch.zeros(0, dtype=torch.int64)
-    result["per_name"] = per_name
     names = data.names if vocabulary is None else list(vocabulary)
     counts = zip(*torch.unique(top, return_counts=True), strict=True)
     result["top1_predictions"] = {names[int(v)]: int(c) for v, c in counts}
@@ -307,11 +302,7 @@ def zero_shot_detection(
     if splits is None:
         splits = category_splits(data.categories)
     if isinstance(rpn, PrecomputedProposals):
-        missing = [im.file_name for im in data.images if im.file_name not in rpn.table]
-        if missing:
-            raise ValueError(
-                f"{rpn.source}: no proposals for {len(missing)} images of {data.json_path}, e.g. {missing[:3]}"
-            )
+        rpn.require((im.file_name for im in data.images), str(data.json_path))
     else:
         configure_rpn_for_inference(rpn, params)
     evaluator = evaluator_for(data.coco_gt(), data.category_ids, splits)

@@ -13,7 +13,7 @@ Bring-your-own proposals file (``rpn.precomputed``), boxes in original image pix
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -161,6 +161,18 @@ class PrecomputedProposals:
     @classmethod
     def from_file(cls, path: str | Path) -> PrecomputedProposals:
         return cls(load_precomputed_proposals(path), str(path))
+
+    def require(self, keys: Iterable[str], where: str) -> None:
+        """Refuse, before any work, a table without some of ``keys`` (the images of ``where``).
+
+        Raises:
+            ProposalError: naming how many are missing and a few of them.
+        """
+        missing = [k for k in keys if k not in self.table]
+        if missing:
+            raise ProposalError(
+                f"{self.source}: no proposals for {len(missing)} images of {where}, e.g. {missing[:3]}"
+            )
 
     def __call__(
         self, keys: Sequence[str], images: Sequence[Tensor] = ()

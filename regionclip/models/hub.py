@@ -13,15 +13,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from regionclip.models.loading import CONFIG_FILE, QUICK_GELU_SUFFIX, WEIGHTS_FILE, is_checkpoint_dir
-from regionclip.utils import apply_umask, read_json
+from regionclip.models.loading import CONFIG_FILE, WEIGHTS_FILE, is_checkpoint_dir, recorded_model_name
+from regionclip.utils import atomic_folder, read_json
 
 CARD_FILE = "README.md"
 RUN_CONFIG_FILE = "config.json"  # what pretrain.py writes beside final/
@@ -130,23 +129,6 @@ def model_card(
     return card_markdown(header, name, intro, usage, figures, run_config)
 
 
-def write_folder(out_dir: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
-    """Build a folder with ``fill(tmp)`` in a temporary sibling, then put it at ``out_dir``
-    (replacing an earlier one); files get the umask's mode. A failed ``fill`` leaves ``out_dir`` as it was."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        fill(tmp)
-        apply_umask(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
-
-
 def export_hub(
     model_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -166,19 +148,15 @@ def export_hub(
         raise ValueError(f"{model_dir}: not a checkpoint folder ({CONFIG_FILE} + {WEIGHTS_FILE})")
     config = read_json(model_dir / CONFIG_FILE, "checkpoint config")
     meta = config.setdefault("regionclip", {})
-    if config.get("model_cfg", {}).get("quick_gelu") and not meta.get("model", QUICK_GELU_SUFFIX).endswith(
-        QUICK_GELU_SUFFIX
-    ):  # a checkpoint saved before names recorded QuickGELU
-        meta["model"] += QUICK_GELU_SUFFIX
+    if "model" in meta:  # a checkpoint saved before names recorded QuickGELU gets the name now
+        meta["model"] = recorded_model_name(meta["model"], config.get("model_cfg", {}))
     run_config_path = model_dir.parent / RUN_CONFIG_FILE
     run_config = read_json(run_config_path, "training config") if run_config_path.is_file() else None
     figures = {Path(r).name: figures_of(read_json(r, "report")) for r in reports}
     base = base_model or config.get("regionclip", {}).get("init_weights_id", "")
     card = model_card(out_dir.name, config, run_config, figures, datasets, base)
-
-    def fill(tmp: Path) -> None:
+    with atomic_folder(out_dir) as tmp:
         shutil.copyfile(model_dir / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / CARD_FILE).write_text(card, encoding="utf-8")
-
-    return write_folder(out_dir, fill)
+    return out_dir

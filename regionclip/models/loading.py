@@ -23,8 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator
@@ -37,7 +35,7 @@ import safetensors.torch
 import torch
 
 from regionclip.config import ClipModelConfig
-from regionclip.utils import apply_umask, read_json, resolve_device, sha256_file
+from regionclip.utils import atomic_folder, read_json, resolve_device, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +158,15 @@ QUICK_GELU_SUFFIX = "-quickgelu"
 
 def _without_quick_gelu(name: str) -> str:
     return name.removesuffix(QUICK_GELU_SUFFIX)
+
+
+def recorded_model_name(name: str, model_cfg: dict[str, Any]) -> str:
+    """The name to record for a model built from ``model_cfg``: open_clip's QuickGELU name
+    (``RN50-quickgelu``) where it applies, since loading by the plain name (``open_clip.create_model(
+    "RN50", pretrained=<weights>)``) would silently build ``nn.GELU``."""
+    if model_cfg.get("quick_gelu") and not name.endswith(QUICK_GELU_SUFFIX):
+        return name + QUICK_GELU_SUFFIX
+    return name
 
 
 def _needs_quick_gelu(cfg: ClipModelConfig, kind: str) -> bool:
@@ -379,35 +386,20 @@ def save_clip_checkpoint(
     old checkpoint or the new one. ``open_clip.create_model('local-dir:<out_dir>')`` loads it.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     preprocess_cfg = {
         k: list(v) if isinstance(v, tuple) else v
         for k, v in open_clip.get_model_preprocess_cfg(model).items()
     }
     extra = dict(extra or {})
-    if model_cfg.get("quick_gelu") and "model" in extra and not extra["model"].endswith(QUICK_GELU_SUFFIX):
-        # open_clip's names for QuickGELU builds (RN50-quickgelu): loading by the plain name
-        # (open_clip.create_model("RN50", pretrained=<weights>)) would silently build nn.GELU
-        extra["model"] += QUICK_GELU_SUFFIX
+    if "model" in extra:
+        extra["model"] = recorded_model_name(extra["model"], model_cfg)
     conf = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg, "regionclip": extra}
     state = {
         k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
         for k, v in model.state_dict().items()
     }
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         safetensors.torch.save_file(state, str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        apply_umask(tmp)  # mkdtemp and safetensors make owner-only entries
-        if out_dir.exists():
-            # A directory cannot be replaced in one step: park the old one, swap, then delete it.
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "ckpt")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

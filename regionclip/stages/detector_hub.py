@@ -20,12 +20,12 @@ import torch
 
 from regionclip.config import to_dict
 from regionclip.errors import TransferError
-from regionclip.models.hub import CARD_FILE, card_header, card_markdown, figures_of, write_folder
+from regionclip.models.hub import CARD_FILE, card_header, card_markdown, figures_of
 from regionclip.models.loading import model_config_for, weights_id_of
 from regionclip.models.rpn import CONFIG_FILE as RPN_CONFIG_FILE
 from regionclip.models.rpn import WEIGHTS_FILE as RPN_WEIGHTS_FILE
 from regionclip.stages.transfer import METRICS_FILE, MODEL_FILE, MODEL_JSON, load_detector
-from regionclip.utils import read_json
+from regionclip.utils import atomic_folder, read_json
 
 INIT_DIR = "init"
 RPN_DIR = "rpn"
@@ -74,7 +74,7 @@ def export_detector_hub(
     ]
     card = card_markdown(header, out_dir.name, intro, usage, figures, to_dict(cfg))
 
-    def fill(tmp: Path) -> None:
+    with atomic_folder(out_dir) as tmp:
         detector.text_model.save(tmp / INIT_DIR)
         init_cfg = model_config_for(str(tmp / INIT_DIR))
         config = to_dict(cfg)
@@ -106,5 +106,4 @@ def export_detector_hub(
         if (folder / METRICS_FILE).is_file():
             shutil.copyfile(folder / METRICS_FILE, tmp / METRICS_FILE)
         (tmp / CARD_FILE).write_text(card, encoding="utf-8")
-
-    return write_folder(out_dir, fill)
+    return out_dir

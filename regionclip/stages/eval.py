@@ -2,8 +2,8 @@
 
 Classifies the GT boxes of ``eval.json`` by region embeddings (top-1/top-5 for all/base/novel)
 and, with ``eval.rpn`` (or ``eval.precomputed``, proposals of your own keyed by file name) set,
-detects with those proposals and no box regression (COCO or LVIS AP and AP50 per split). Writes ``<eval.out_dir>/<tag>.json`` and the detections as COCO results in
-``<tag>.detections.json``; a re-run whose ``<tag>.json`` holds the same run hash (the ``eval``
+detects with those proposals and no box regression (COCO or LVIS AP and AP50 per split). Writes
+``<eval.out_dir>/<tag>.json`` and the detections as COCO results in ``<tag>.detections.json``; a re-run whose ``<tag>.json`` holds the same run hash (the ``eval``
 section and the model, RPN, json and vocabulary files it names) is skipped.
 """
 
@@ -21,7 +21,7 @@ from regionclip.config import ClipModelConfig, EvalConfig, section_hash, to_dict
 from regionclip.data.coco import category_splits, read_coco
 from regionclip.data.sample_errors import SampleErrors
 from regionclip.engine.run_cache import file_digest, finished, run_hash
-from regionclip.evaluation.evaluator import vocabulary_classes
+from regionclip.evaluation.evaluator import vocabulary_classes, vocabulary_coverage
 from regionclip.evaluation.zero_shot import (
     DetectionParams,
     region_accuracy,
@@ -93,8 +93,8 @@ def run_eval(ev: EvalConfig, device: torch.device) -> dict[str, Any] | None:
     check_class_embeddings(embeddings, loaded.embed_dim, len(names), vocab_source, vocab_source)
     # a vocabulary of its own is matched to the json's categories by name; other names are distractors
     vocabulary = None if list(names) == data.names else list(names)
-    matched = vocabulary_classes(names, data.names, ev.json)
-    missing = [c for k, c in enumerate(data.names) if k not in set(matched.tolist())]
+    coverage = vocabulary_coverage(names, vocabulary_classes(names, data.names, ev.json), data.names)
+    missing = coverage["categories_missing"]
     if missing:
         log.warning("eval: %d categories of %s are not in the vocabulary (their boxes count as misses): %s",
                     len(missing), ev.json, ", ".join(missing[:10]))  # fmt: skip
@@ -146,9 +146,8 @@ def run_eval(ev: EvalConfig, device: torch.device) -> dict[str, Any] | None:
             "source": vocab_source,
             "names": list(names),
             "templates": ev.templates,
-            "distractors": [n for n, k in zip(names, matched.tolist(), strict=True) if k < 0],
-            "categories_missing": missing,
-        },  # fmt: skip
+            **coverage,
+        },
         "splits": {name: len(ids) for name, ids in splits.items()},
         "region_accuracy": accuracy,
         "zero_shot_detection": detection,

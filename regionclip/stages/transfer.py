@@ -57,7 +57,7 @@ from regionclip.evaluation.evaluator import (
     evaluator_for,
     vocabulary_classes,
 )
-from regionclip.labeling.proposals import NetworkProposals, PrecomputedProposals
+from regionclip.labeling.proposals import NetworkProposals, PrecomputedProposals, load_precomputed_proposals
 from regionclip.models.loading import WEIGHTS_FILE as CLIP_WEIGHTS_FILE
 from regionclip.models.loading import LoadedClip, load_clip
 from regionclip.models.preprocess import (
@@ -223,6 +223,34 @@ def train_detector(
 
 
 @torch.no_grad()
+def detect_batch(
+    model: OpenVocabFasterRCNN,
+    rpn: ProposalFn | None,
+    keys: Sequence[str],
+    images: Sequence[Image.Image],
+    cfg: TransferConfig,
+    device: torch.device,
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """``(boxes [K, 4] in original pixels, clipped to the image, scores [K], class indices [K])``
+    per RGB image (``keys``: what ``rpn`` knows them by), with the model's current vocabulary at the
+    test settings of ``cfg``."""
+    preps = [prepare(pil, cfg.test_short_side, cfg.max_side, rpn is not None) for pil in images]
+    tensor, image_sizes = batch_images([p.image for p in preps])
+    proposals, objectness = proposals_for(rpn, keys, preps, cfg.max_proposals, device)
+    with autocast(resolve_precision(cfg.precision, device, "transfer.precision"), device):
+        detections = model(
+            tensor.to(device), image_sizes, proposals,
+            objectness=objectness if cfg.multiply_rpn_score else None,
+        )  # fmt: skip
+    out = []
+    for pil, prep, det in zip(images, preps, detections, strict=True):
+        boxes = (det["boxes"].float().cpu() / prep.scale).clamp(min=0)
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(max=pil.width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(max=pil.height)
+        out.append((boxes, det["scores"].float().cpu(), det["labels"].cpu()))
+    return out
+
+
 def detect_images(
     model: OpenVocabFasterRCNN,
     rpn: ProposalFn | None,
@@ -234,31 +262,17 @@ def detect_images(
     """Detect with the model's current vocabulary and feed each image's boxes (original pixels,
     clipped to the image) to ``evaluator``."""
     model.eval()
-    precision = resolve_precision(cfg.precision, device, "transfer.precision")
     for start in tqdm(range(0, len(images), cfg.eval_batch_size), desc="transfer eval", unit="batch"):
         chunk = images[start : start + cfg.eval_batch_size]
-        preps, sizes = [], []
+        pils = []
         for img in chunk:
             try:
-                pil = load_rgb(img.path)
+                pils.append(load_rgb(img.path))
             except UNREADABLE as e:
                 raise TransferError(f"cannot read image {img.path}: {e}") from e
-            sizes.append((pil.height, pil.width))
-            preps.append(prepare(pil, cfg.test_short_side, cfg.max_side, rpn is not None))
-        tensor, image_sizes = batch_images([p.image for p in preps])
-        proposals, objectness = proposals_for(
-            rpn, [i.file_name for i in chunk], preps, cfg.max_proposals, device
-        )
-        with autocast(precision, device):
-            detections = model(
-                tensor.to(device), image_sizes, proposals,
-                objectness=objectness if cfg.multiply_rpn_score else None,
-            )  # fmt: skip
-        for img, prep, (h, w), det in zip(chunk, preps, sizes, detections, strict=True):
-            boxes = (det["boxes"].float().cpu() / prep.scale).clamp(min=0)
-            boxes[:, 0::2] = boxes[:, 0::2].clamp(max=w)
-            boxes[:, 1::2] = boxes[:, 1::2].clamp(max=h)
-            evaluator.process(img.id, boxes, det["scores"].cpu(), det["labels"].cpu())
+        found = detect_batch(model, rpn, [i.file_name for i in chunk], pils, cfg, device)
+        for img, (boxes, scores, labels) in zip(chunk, found, strict=True):
+            evaluator.process(img.id, boxes, scores, labels)
 
 
 def run_inputs(cfg: TransferConfig) -> str:
@@ -342,22 +356,11 @@ def detect_pil(
 ) -> list[tuple[Tensor, Tensor, Tensor]]:
     """``(boxes [K, 4] in original pixels, scores [K], class indices [K])`` per PIL image, for the
     vocabulary of ``class_embeddings`` [C, D], at the detector's own test settings."""
-    cfg, model = detector.cfg, detector.model
-    model.classifier.set_embeddings(class_embeddings.to(device))
-    out = []
-    for pil in images:
-        pil = pil.convert("RGB")
-        prep = prepare(pil, cfg.test_short_side, cfg.max_side, detector.proposals is not None)
-        tensor, image_sizes = batch_images([prep.image])
-        proposals, objectness = proposals_for(detector.proposals, [""], [prep], cfg.max_proposals, device)
-        with autocast(resolve_precision(cfg.precision, device, "transfer.precision"), device):
-            (det,) = model(tensor.to(device), image_sizes, proposals,
-                           objectness=objectness if cfg.multiply_rpn_score else None)  # fmt: skip
-        boxes = (det["boxes"].float().cpu() / prep.scale).clamp(min=0)
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(max=pil.width)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(max=pil.height)
-        out.append((boxes, det["scores"].float().cpu(), det["labels"].cpu()))
-    return out
+    detector.model.classifier.set_embeddings(class_embeddings.to(device))
+    return [
+        detect_batch(detector.model, detector.proposals, [""], [pil.convert("RGB")], detector.cfg, device)[0]
+        for pil in images
+    ]
 
 
 @torch.no_grad()
@@ -429,18 +432,11 @@ def run_transfer(cfg: TransferConfig, device: torch.device, stop_after: int | No
     model.to(device)
     rpn: ProposalFn | None = None
     if cfg.proposals == "frozen" and cfg.precomputed:
-        rpn = PrecomputedProposals.from_file(cfg.precomputed)
+        table = load_precomputed_proposals(cfg.precomputed)
+        rpn = PrecomputedProposals(table, f"transfer.precomputed {cfg.precomputed}")
         for json_path in (cfg.train_json, cfg.val_json):  # before training, not at the first missing image
-            names = [
-                im.get("file_name")
-                for im in read_json(json_path, "COCO json", TransferError).get("images", [])
-            ]
-            missing = [n for n in names if n not in rpn.table]
-            if missing:
-                raise TransferError(
-                    f"transfer.precomputed {cfg.precomputed}: no proposals for {len(missing)} images of "
-                    f"{json_path}, e.g. {missing[:3]}"
-                )
+            images = read_json(json_path, "COCO json", TransferError).get("images", [])
+            rpn.require((im.get("file_name") for im in images), json_path)
     elif cfg.proposals == "frozen":
         rpn = NetworkProposals(load_rpn(cfg.rpn_dir, device), device)
 

@@ -32,7 +32,12 @@ from PIL import Image
 from regionclip.data.coco import category_splits, read_categories, read_coco
 from regionclip.errors import TransferError
 from regionclip.evaluation.coco_ap import ap_summary
-from regionclip.evaluation.evaluator import evaluator_for, to_coco_results, vocabulary_classes
+from regionclip.evaluation.evaluator import (
+    evaluator_for,
+    to_coco_results,
+    vocabulary_classes,
+    vocabulary_coverage,
+)
 from regionclip.utils import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -179,13 +184,11 @@ class OVDEvaluator(DatasetEvaluator):
             "eval": {"images": images, "detections": len(results)},
         }
         if self.vocabulary is not None:
-            matched = set(self.vocab_classes.tolist())
+            classes = MetadataCatalog.get(self.dataset_name).thing_classes
             summary["vocabulary"] = {
                 "names": self.vocabulary,
-                "distractors": [n for n, k in zip(self.vocabulary, self.vocab_classes.tolist(), strict=True) if k < 0],
-                "categories_missing": [c for k, c in enumerate(MetadataCatalog.get(self.dataset_name).thing_classes)
-                                       if k not in matched],
-            }  # fmt: skip
+                **vocabulary_coverage(self.vocabulary, self.vocab_classes, classes),
+            }
         if self.output_dir is not None:
             atomic_write_json(self.output_dir / DETECTIONS_FILE, results)
             atomic_write_json(self.output_dir / METRICS_FILE, summary)
